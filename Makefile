@@ -1,0 +1,40 @@
+# One-command entry points. Each target creates .venv (Python 3.11) and installs what is missing.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Tests that start torchrun use both cores; a single pytest worker keeps them from oversubscribing.
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+
+.PHONY: help venv test test-all demo bench clean
+
+help:
+	@echo "make demo      - set up, generate demo data, run the tiny Stage 0-4 recipes on CPU"
+	@echo "make test      - set up and run the test suite (under 15 minutes on 2 cores)"
+	@echo "make test-all  - also the slow tests"
+	@echo "make bench     - benchmarks, written to bench/results.md"
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The CPU build of torch first (pip finds it on local disk where the machine has it), so that
+	# nothing later can resolve "torch" to a CUDA wheel.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: venv
+	$(PYTEST) -m "not slow" tests
+
+test-all: venv
+	$(PYTEST) tests
+
+demo: venv
+	$(PY) -m tools.demo
+
+bench: venv
+	$(PY) -m bench.run_all --out bench/results.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,43 @@
+"""Bodies for test_platform.py, run in a fresh process because the platform layer is global."""
+
+import torch
+
+
+def device_mapping() -> dict:
+    # tests/_multiproc_entry.py already called setup_platform().
+    from megatron_vlm import platform
+
+    x = torch.zeros(2, device="cuda")
+    y = torch.ones(3, device=torch.device("cuda", 0)).cuda()
+    z = torch.empty(4, device=torch.cuda.current_device())
+    w = torch.arange(3).to("cuda:1")
+    v = torch.randn(2).to(torch.cuda.current_device(), non_blocking=True)
+    return {
+        "active": platform.cpu_mode(),
+        "devices": [str(t.device) for t in (x, y, z, w, v)],
+        "type_name": torch.ones(1).type(),
+        "cast": torch.ones(1, dtype=torch.float64).type("torch.cuda.FloatTensor").dtype.__repr__(),
+        "idempotent": platform.setup_platform(),
+    }
+
+
+def rng_tracker() -> dict:
+    """Dropout inside the tracker's fork draws from its own stream and restores the default one."""
+    from megatron.core import tensor_parallel
+
+    from megatron_vlm.distributed import initialize_distributed
+
+    initialize_distributed(seed=7)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    before = torch.get_rng_state()
+    with tracker.fork():
+        a = torch.rand(5)
+    restored = bool(torch.equal(before, torch.get_rng_state()))
+    with tracker.fork():
+        b = torch.rand(5)  # the forked stream advanced: a new draw
+    tensor_parallel.model_parallel_cuda_manual_seed(7)
+    with tracker.fork():
+        c = torch.rand(5)  # re-seeded: the first draw again
+    return {"restored": restored, "a_equals_b": bool(torch.equal(a, b)),
+            "a_equals_c": bool(torch.equal(a, c)),
+            "default_differs": not torch.equal(a, torch.rand(5))}
