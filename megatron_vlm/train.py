@@ -1,0 +1,55 @@
+"""Train one stage from a recipe.
+
+    torchrun --nproc_per_node=N -m megatron_vlm.train --recipe recipes/tiny/stage1.yaml \\
+        [train.steps=20 parallel.tp=2 ...]
+
+Under Slurm, ``srun`` one task per GPU runs the same command without torchrun.
+"""
+
+import argparse
+import sys
+import warnings
+
+# megatron-core warns at import that TransformerEngine/Apex are absent (expected on CPU) and about
+# its own deprecated calls into torch; neither is actionable for a user of the launcher.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*(cuda_graph_scope|non-leaf Tensor).*")
+
+from megatron_vlm.training.recipe import RecipeError, load_recipe
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="stage recipe YAML")
+    parser.add_argument("--validate-only", action="store_true",
+                        help="check the recipe (keys, types, paths) and exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --validate-only: check parallel and batch sizes for this many "
+                             "ranks (default: $WORLD_SIZE, else 1)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.validate_only:
+            import os
+
+            from megatron_vlm.training.recipe import check_against_world, check_paths
+
+            check_paths(recipe)
+            world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+            dp = check_against_world(recipe, world)
+            print(f"{args.recipe}: ok ({world} ranks, data-parallel {dp})")
+            return 0
+        from megatron_vlm.training.loop import run
+
+        run(recipe)
+    except RecipeError as e:
+        print(f"recipe error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # the guard matters: dist_checkpointing spawns worker processes
+    sys.exit(main())

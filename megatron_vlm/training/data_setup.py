@@ -1,0 +1,59 @@
+"""From a recipe's data section to the packed loader (train) and a fixed set of eval batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_vlm.data.loader import DatasetSpec, PackedVLMLoader
+from megatron_vlm.data.tokenizer import VLMTokenizer
+
+
+def load_tokenizer(recipe) -> VLMTokenizer:
+    return VLMTokenizer.from_pretrained(recipe.data.tokenizer)
+
+
+def _dataset_name(path: str, index: int) -> str:
+    parts = [p for p in Path(path.split("::")[0]).parts if p not in ("train", "eval", "shards")]
+    return f"{index}-{parts[-1] if parts else 'data'}"
+
+
+def _loader(recipe, sources, tokenizer, vision: dict, dp_rank: int, dp_size: int,
+            **kwargs) -> PackedVLMLoader:
+    specs = [DatasetSpec(_dataset_name(s.path, i), s.path, s.weight) for i, s in enumerate(sources)]
+    return PackedVLMLoader(
+        specs, tokenizer, seq_length=recipe.data.seq_length,
+        micro_batch_size=recipe.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+        tile_size=vision["tile_size"], patch_size=vision["patch_size"],
+        pixel_shuffle_ratio=vision.get("pixel_shuffle_ratio", 0.5), **kwargs)
+
+
+def build_train_loader(recipe, tokenizer, model_cfg: dict, dp_rank: int,
+                       dp_size: int) -> PackedVLMLoader:
+    return _loader(recipe, recipe.data.blend, tokenizer, model_cfg["vision"], dp_rank, dp_size,
+                   seed=recipe.data.seed)
+
+
+def build_eval_batches(recipe, tokenizer, model_cfg: dict, dp_rank: int, dp_size: int) -> dict:
+    """Per eval dataset, the first ``eval.batches`` micro-batches of one unshuffled pass.
+
+    The same batches are used at every evaluation of the stage, so eval losses are comparable.
+    Every DP rank gets the same number of batches (padding with repeats) so the collective
+    schedule stays in step.
+    """
+    out = {}
+    for i, source in enumerate(recipe.data.eval):
+        loader = _loader(recipe, [source], tokenizer, model_cfg["vision"], dp_rank, dp_size,
+                         seed=recipe.data.seed, shuffle=False, num_epochs=1)
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            if len(batches) == recipe.eval.batches:
+                break
+        loader.close()
+        if not batches:
+            raise ValueError(f"{recipe.source}: data.eval[{i}] ({source.path}) gave no batch "
+                             f"for data-parallel rank {dp_rank}")
+        while len(batches) < recipe.eval.batches:
+            batches.append(batches[len(batches) % max(1, len(batches))])
+        out[_dataset_name(source.path, i).split("-", 1)[1]] = batches
+    return out

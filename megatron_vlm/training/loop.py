@@ -1,0 +1,185 @@
+"""The training loop: one function from a validated recipe to a finished stage.
+
+    recipe -> distributed init -> model chunks (frozen parts) -> DDP + optimizer + LR schedule
+           -> resume (``checkpoint.dir``) or weights of the previous stage (``init_from``)
+           -> steps through megatron's schedules -> periodic checkpoint / eval -> summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_vlm.distributed import initialize_distributed
+from megatron_vlm.training import checkpoint as ckpt
+from megatron_vlm.training.optim import OptimSettings, build_optimizer, wrap_with_ddp
+from megatron_vlm.training.progress import Progress
+from megatron_vlm.training.recipe import Recipe, check_against_world, check_paths
+from megatron_vlm.training.step import train_step
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. a NaN loss); the message names the step."""
+
+
+class _StopFlag:
+    """Set by SIGTERM (Slurm preemption) or the wall-time limit; agreed on by all ranks."""
+
+    def __init__(self, max_wall_minutes):
+        self.deadline = None if max_wall_minutes is None else time.monotonic() + 60 * max_wall_minutes
+        self.signalled = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signalled = True
+
+    def should_stop(self) -> str:
+        local = self.signalled or (self.deadline is not None and time.monotonic() > self.deadline)
+        flag = torch.tensor([1.0 if local else 0.0])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not flag.item():
+            return ""
+        return "SIGTERM" if self.signalled else "wall-time limit"
+
+
+def build_scheduler(optimizer, recipe: Recipe):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt, sched, steps = recipe.optimizer, recipe.schedule, recipe.train.steps
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if sched.warmup_steps else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
+        lr_warmup_steps=sched.warmup_steps, lr_decay_steps=steps, lr_decay_style=sched.decay,
+        start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=steps,
+        wd_incr_style="constant")
+
+
+def run(recipe: Recipe) -> dict:
+    """Train one stage to ``train.steps`` (or until stopped); returns the stage summary."""
+    from megatron.core import parallel_state
+
+    from megatron_vlm.training.data_setup import build_eval_batches, build_train_loader
+    from megatron_vlm.training.evaluate import evaluate_losses
+    from megatron_vlm.models.vlm import vlm_forward_step
+    from megatron_vlm.training.model_setup import build_model_chunks
+
+    check_paths(recipe)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
+    if world is not None:
+        check_against_world(recipe, world)
+    p = recipe.parallel
+    layout = initialize_distributed(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=recipe.train.seed)
+    check_against_world(recipe, torch.distributed.get_world_size())
+    run_dir = Path(recipe.checkpoint.dir)
+
+    model_chunks, tokenizer, model_cfg = build_model_chunks(recipe)
+    settings = OptimSettings(
+        lr=recipe.optimizer.lr, min_lr=recipe.optimizer.min_lr,
+        weight_decay=recipe.optimizer.weight_decay, adam_beta1=recipe.optimizer.adam_beta1,
+        adam_beta2=recipe.optimizer.adam_beta2, adam_eps=recipe.optimizer.adam_eps,
+        clip_grad=recipe.optimizer.clip_grad,
+        use_distributed_optimizer=recipe.optimizer.distributed,
+        bf16=recipe.train.precision in ("bf16", "fp8"))
+    ddp = wrap_with_ddp(model_chunks, settings)
+    optimizer = build_optimizer(ddp, settings)
+    scheduler = build_scheduler(optimizer, recipe)
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    loader = build_train_loader(recipe, tokenizer, model_cfg, dp_rank, layout.dp)
+    progress = Progress(recipe.name, recipe.train.steps, 0,
+                        tokens_per_step=recipe.train.global_batch_size * recipe.data.seq_length,
+                        tensorboard_dir=run_dir / "tensorboard" if recipe.logging.tensorboard else None,
+                        interval=recipe.logging.interval)
+
+    start_step, resumed_first_eval = 0, None
+    resume_from = ckpt.latest_checkpoint(run_dir)
+    if resume_from is not None:
+        meta = ckpt.load_checkpoint(resume_from, ddp, optimizer, scheduler)
+        start_step = meta["step"]
+        resumed_first_eval = meta.get("eval_loss_first")
+        if meta.get("loader") is not None:
+            loader.load_state_dict(meta["loader"])
+        progress.say(f"resumed from {resume_from} at step {start_step}")
+    elif recipe.checkpoint.init_from:
+        source = ckpt.latest_checkpoint(recipe.checkpoint.init_from)
+        if source is None:
+            raise FileNotFoundError(
+                f"{recipe.source}: checkpoint.init_from: no complete checkpoint under "
+                f"{recipe.checkpoint.init_from} (run the previous stage first)")
+        ckpt.load_checkpoint(source, ddp)  # weights only: fresh optimizer and schedule
+        progress.say(f"initialised weights from {source}")
+    progress.start_step = start_step
+
+    forward_step = vlm_forward_step
+    dp_size = layout.dp
+    num_micro = recipe.train.global_batch_size // (recipe.train.micro_batch_size * dp_size)
+    eval_batches = build_eval_batches(recipe, tokenizer, model_cfg, dp_rank, dp_size)
+    stop = _StopFlag(recipe.train.max_wall_minutes)
+
+    def evaluate():
+        return evaluate_losses(ddp, eval_batches, forward_step, recipe.data.seq_length,
+                               recipe.train.micro_batch_size)
+
+    if start_step == 0:
+        first_eval = evaluate()
+        progress.scalars(0, first_eval, "eval")
+    else:
+        first_eval = {"eval_loss": resumed_first_eval}
+    history, step, last = [], start_step, {}
+    saved_step = start_step if resume_from is not None else None
+
+    def save(at_step):
+        nonlocal saved_step
+        saved_step = at_step
+        ckpt.save_checkpoint(run_dir, at_step, ddp, optimizer, scheduler,
+                             loader_state=loader.state_dict(),
+                             meta={"recipe": recipe.name, "layout": layout.describe(),
+                                   "eval_loss_first": first_eval.get("eval_loss"),
+                                   "consumed_samples": at_step * recipe.train.global_batch_size},
+                             keep=recipe.checkpoint.keep)
+
+    while step < recipe.train.steps:
+        batches = [next(loader) for _ in range(num_micro)]
+        last = train_step(ddp, optimizer, iter(batches), num_microbatches=num_micro,
+                          seq_length=recipe.data.seq_length,
+                          micro_batch_size=recipe.train.micro_batch_size,
+                          forward_step_func=forward_step)
+        if not math.isfinite(last["loss"]):
+            if not recipe.train.skip_nan_steps:
+                raise TrainingStopped(f"{recipe.name}: loss is {last['loss']} at step {step + 1}; "
+                                      "stopping (set train.skip_nan_steps=true to skip such steps)")
+            progress.say(f"step {step + 1}: loss {last['loss']}, step skipped")
+        scheduler.step(1)
+        step += 1
+        lr = optimizer.param_groups[0]["lr"]
+        history.append(last["loss"])
+        progress.train_step(step, last["loss"], lr, last["grad_norm"])
+        if recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0:
+            save(step)
+        if recipe.eval.interval and step % recipe.eval.interval == 0 and step < recipe.train.steps:
+            progress.scalars(step, evaluate(), "eval")
+        reason = stop.should_stop()
+        if reason:
+            save(step)
+            progress.say(f"{reason}: saved checkpoint at step {step}, exiting cleanly")
+            progress.close()
+            return {"stage": recipe.name, "steps": step, "stopped": reason}
+
+    if saved_step != step:
+        save(step)
+    results = evaluate()
+    progress.scalars(step, results, "eval")
+    summary = {"stage": recipe.name, "steps": step,
+               "train_loss": history[-1] if history else None,
+               "train_loss_first": history[0] if history else None, **results}
+    if first_eval.get("eval_loss") is not None:
+        summary["eval_loss_first"] = first_eval["eval_loss"]
+    if torch.distributed.get_rank() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    progress.close()
+    return summary

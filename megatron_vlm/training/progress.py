@@ -1,0 +1,58 @@
+"""Console progress (step, loss, LR, grad norm, tokens/s, ETA) and TensorBoard scalars (rank 0)."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+class Progress:
+    def __init__(self, name: str, total_steps: int, start_step: int, tokens_per_step: int,
+                 tensorboard_dir: Optional[Path] = None, interval: int = 1):
+        self.name, self.total, self.interval = name, total_steps, interval
+        self.tokens_per_step = tokens_per_step
+        self.start_step, self.t0 = start_step, time.monotonic()
+        self.writer = None
+        if tensorboard_dir is not None and _is_rank0():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def say(self, text: str) -> None:
+        if _is_rank0():
+            print(f"[{self.name}] {text}", flush=True)
+
+    def train_step(self, step: int, loss: float, lr: float, grad_norm: float) -> None:
+        """``step`` counts finished steps (1-based)."""
+        done = step - self.start_step
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        tokens_per_s = done * self.tokens_per_step / elapsed
+        if self.writer is not None:
+            for key, value in (("train/loss", loss), ("train/lr", lr),
+                               ("train/grad_norm", grad_norm), ("train/tokens_per_s", tokens_per_s)):
+                self.writer.add_scalar(key, value, step)
+        if step % self.interval == 0 or step == self.total:
+            eta = datetime.timedelta(seconds=int(elapsed / done * (self.total - step)))
+            self.say(f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | "
+                     f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | ETA {eta}")
+
+    def scalars(self, step: int, values: dict, prefix: str) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        if values:
+            self.say(f"{prefix} @ step {step}: " +
+                     ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

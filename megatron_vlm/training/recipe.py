@@ -1,0 +1,300 @@
+"""Stage recipes: YAML files validated against typed dataclasses before any compute starts.
+
+A recipe may name a ``base`` recipe (path relative to itself); the two are deep-merged, so a stage
+differs from its siblings by a few keys. Command-line overrides ``section.key=value`` (values parsed
+as YAML) are applied last. Every problem is reported as one :class:`RecipeError` line naming the
+file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe is wrong; the message names the file and the key."""
+
+
+FREEZABLE = ("vision", "connector", "llm")
+
+
+@dataclass
+class ModelSection:
+    config: str                      # model YAML (recipes/models/...), relative to the repo root
+    freeze: List[str] = field(default_factory=list)
+
+
+@dataclass
+class DataSource:
+    path: str                        # shard directory (with manifest.json) or shard URL/glob
+    weight: float = 1.0
+
+
+@dataclass
+class DataSection:
+    blend: List[DataSource]
+    tokenizer: str
+    seq_length: int
+    eval: List[DataSource] = field(default_factory=list)
+    tile_size: int = 512             # must match the shards' manifest
+    seed: int = 1234
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    vpp: Optional[int] = None
+    sequence_parallel: bool = False
+
+
+@dataclass
+class TrainSection:
+    steps: int
+    global_batch_size: int
+    micro_batch_size: int = 1
+    precision: str = "fp32"          # fp32 | bf16 | fp8 (fp8 needs TransformerEngine)
+    seed: int = 1234
+    skip_nan_steps: bool = False     # skip a step whose loss is NaN/inf instead of stopping
+    max_wall_minutes: Optional[float] = None
+
+
+@dataclass
+class OptimizerSection:
+    lr: float
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    distributed: bool = True         # megatron's distributed optimizer (shards optimizer state)
+
+
+@dataclass
+class ScheduleSection:
+    warmup_steps: int = 0
+    decay: str = "cosine"            # cosine | linear | constant
+
+
+@dataclass
+class CheckpointSection:
+    dir: str                         # this stage's checkpoints
+    interval: int = 0                # steps between saves; 0 = only at the end
+    init_from: Optional[str] = None  # previous stage's checkpoint dir: weights only
+    keep: int = 2                    # newest checkpoints kept
+
+
+@dataclass
+class LoggingSection:
+    interval: int = 1
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalSection:
+    interval: int = 0                # steps between evaluations; 0 = only at the end
+    batches: int = 4
+    tasks: List[str] = field(default_factory=list)
+    max_new_tokens: int = 32
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    optimizer: OptimizerSection
+    checkpoint: CheckpointSection
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    description: str = ""
+    source: str = ""                 # the file it came from (filled in by load_recipe)
+
+
+CHOICES = {
+    "train.precision": ("fp32", "bf16", "fp8"),
+    "schedule.decay": ("cosine", "linear", "constant"),
+}
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if path in seen:
+        raise RecipeError(f"{path}: base recipes form a cycle")
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _deep_merge(_read_yaml((path.parent / base).resolve(), seen + (path,)), raw)
+
+
+def apply_override(raw: dict, override: str, source: str) -> None:
+    if "=" not in override:
+        raise RecipeError(f"{source}: override {override!r} must look like section.key=value")
+    dotted, value = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"{source}: override {dotted}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(value)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, where: str, source: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, [a for a in args if a is not type(None)][0], where, source)
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise RecipeError(f"{source}: {where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, source)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise RecipeError(f"{source}: {where}: expected {_type_name(tp)}, got "
+                          f"{type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, raw, where: str, source: str):
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: {where or 'recipe'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{source}: unknown key {'.'.join(filter(None, [where, key]))!r}"
+                              f"{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        dotted = ".".join(filter(None, [where, name]))
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], dotted, source)
+            if dotted in CHOICES and kwargs[name] not in CHOICES[dotted]:
+                raise RecipeError(f"{source}: {dotted}: must be one of {CHOICES[dotted]}, got "
+                                  f"{kwargs[name]!r}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{source}: missing required key {dotted!r}")
+    return cls(**kwargs)
+
+
+def _check_values(recipe: Recipe, src: str) -> None:
+    positive = {"train.steps": recipe.train.steps,
+                "train.global_batch_size": recipe.train.global_batch_size,
+                "train.micro_batch_size": recipe.train.micro_batch_size,
+                "data.seq_length": recipe.data.seq_length,
+                "parallel.tp": recipe.parallel.tp, "parallel.pp": recipe.parallel.pp,
+                "parallel.cp": recipe.parallel.cp, "logging.interval": recipe.logging.interval}
+    for key, value in positive.items():
+        if value < 1:
+            raise RecipeError(f"{src}: {key}: must be >= 1, got {value}")
+    if recipe.optimizer.lr <= 0 or recipe.optimizer.min_lr < 0 or \
+            recipe.optimizer.min_lr > recipe.optimizer.lr:
+        raise RecipeError(f"{src}: optimizer: need 0 <= min_lr <= lr and lr > 0, got "
+                          f"lr={recipe.optimizer.lr} min_lr={recipe.optimizer.min_lr}")
+    for part in recipe.model.freeze:
+        if part not in FREEZABLE:
+            raise RecipeError(f"{src}: model.freeze: {part!r} is not one of {FREEZABLE}")
+    if set(recipe.model.freeze) == set(FREEZABLE):
+        raise RecipeError(f"{src}: model.freeze: every part is frozen, nothing would train")
+    if recipe.schedule.warmup_steps >= recipe.train.steps:
+        raise RecipeError(f"{src}: schedule.warmup_steps={recipe.schedule.warmup_steps} must be "
+                          f"below train.steps={recipe.train.steps}")
+    if not recipe.data.blend:
+        raise RecipeError(f"{src}: data.blend: needs at least one dataset")
+    for i, ds in enumerate(recipe.data.blend):
+        if ds.weight <= 0:
+            raise RecipeError(f"{src}: data.blend[{i}].weight: must be > 0, got {ds.weight}")
+
+
+def load_recipe(path, overrides: Optional[list] = None) -> Recipe:
+    """Read, merge, override and type-check a recipe (no file-system or world-size checks)."""
+    path = Path(path).resolve()
+    raw = _read_yaml(path)
+    for override in overrides or []:
+        apply_override(raw, override, str(path))
+    recipe = _build(Recipe, raw, "", str(path))
+    recipe.source = str(path)
+    _check_values(recipe, str(path))
+    return recipe
+
+
+def check_against_world(recipe: Recipe, world_size: int) -> int:
+    """Parallel sizes and batch sizes against the world; returns the data-parallel size."""
+    from megatron_vlm.distributed import ParallelConfigError, check_parallel_sizes
+
+    p = recipe.parallel
+    try:
+        layout = check_parallel_sizes(world_size, p.tp, p.pp, p.cp, p.vpp)
+    except ParallelConfigError as e:
+        raise RecipeError(f"{recipe.source}: parallel: {e}") from None
+    per_step = recipe.train.micro_batch_size * layout.dp
+    if recipe.train.global_batch_size % per_step:
+        raise RecipeError(
+            f"{recipe.source}: train.global_batch_size={recipe.train.global_batch_size} is not a "
+            f"multiple of micro_batch_size x data-parallel size = "
+            f"{recipe.train.micro_batch_size} x {layout.dp}")
+    return layout.dp
+
+
+def resolve_path(recipe: Recipe, value: str) -> Path:
+    """Recipe paths are relative to the working directory (the repo root for the launcher)."""
+    return Path(value).expanduser()
+
+
+def check_paths(recipe: Recipe) -> None:
+    """Data, tokenizer and model config must exist before any process starts computing."""
+    checks = [("model.config", recipe.model.config), ("data.tokenizer", recipe.data.tokenizer)]
+    checks += [(f"data.blend[{i}].path", d.path) for i, d in enumerate(recipe.data.blend)]
+    checks += [(f"data.eval[{i}].path", d.path) for i, d in enumerate(recipe.data.eval)]
+    for key, value in checks:
+        if "://" in value or any(c in value for c in "{*"):
+            continue  # URLs and brace/glob shard specs are resolved by the loader
+        if not resolve_path(recipe, value).exists():
+            raise RecipeError(f"{recipe.source}: {key}: path does not exist: {value}")
+    if recipe.train.precision == "fp8":
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError:
+            raise RecipeError(f"{recipe.source}: train.precision: fp8 needs TransformerEngine, "
+                              "which is not installed (use bf16 or fp32)") from None
