@@ -15,6 +15,7 @@ at one TP/PP layout loads at another.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -55,8 +56,71 @@ def model_sharded_state_dict(model_chunks: list) -> dict:
 
 
 def _optimizer_metadata() -> dict:
-    # Fully reshardable: the optimizer state of a distributed optimizer can load at another layout.
+    # Fully reshardable: the distributed optimizer's state loads at another TP/PP/DP layout.
     return {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+@contextlib.contextmanager
+def _keep_adam_step(optimizer):
+    """Work around two bugs of megatron-core 0.16's fully-reshardable load with torch's Adam
+    (the optimizer used without TE/Apex).
+
+    ``load_state_dict`` puts the checkpoint's ``step`` into every parameter's state, then copies
+    each state key from the loaded shards, which carry no ``step``: a KeyError. The step already
+    in place is the right one, so it is passed through as its own source.
+    """
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_set_main_param_and_optimizer_states"):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, opt=opt, original=original):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+            state = opt.optimizer.state[main_param]
+            if "step" in state and "step" not in tensors:
+                tensors = dict(tensors, step=state["step"])
+            return original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+    # The same load gives every parameter one shared `step` tensor, which torch's Adam then
+    # increments once per parameter per step (wrong bias correction): give each its own.
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _optimizer_state_to_load_into(optimizer, model_state: dict) -> dict:
+    """The optimizer's sharded state dict for loading, built from a fresh optimizer.
+
+    Without TE/Apex, megatron wraps torch's Adam, whose state (incl. ``step``) exists only after a
+    first step, yet building the state dict reads ``step``. Placeholder state is created for that
+    and removed again: megatron's ``load_state_dict`` allocates the real state itself.
+    """
+    primed = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0),
+                                      "exp_avg": torch.zeros_like(p.data),
+                                      "exp_avg_sq": torch.zeros_like(p.data)}
+                    primed.append((inner, p))
+    try:
+        return optimizer.sharded_state_dict(model_state, is_loading=True,
+                                            metadata=_optimizer_metadata())
+    finally:
+        for inner, p in primed:
+            del inner.state[p]
 
 
 def _rng_state() -> dict:
@@ -146,15 +210,15 @@ def load_checkpoint(path, model_chunks: list, optimizer=None, scheduler=None,
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json)")
     state = model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
-                                                          metadata=_optimizer_metadata())
+        state["optimizer"] = _optimizer_state_to_load_into(optimizer, state)
     strict_mode = StrictHandling.ASSUME_OK_UNEXPECTED if strict else StrictHandling.IGNORE_ALL
     loaded = dist_checkpointing.load(state, str(path), strict=strict_mode)
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
         _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _keep_adam_step(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
     meta = json.loads((path / "meta.json").read_text())
     if scheduler is not None and "scheduler" in meta:
         scheduler.load_state_dict(meta["scheduler"])

@@ -94,7 +94,7 @@ def run(recipe: Recipe) -> dict:
     progress = Progress(recipe.name, recipe.train.steps, 0,
                         tokens_per_step=recipe.train.global_batch_size * recipe.data.seq_length,
                         tensorboard_dir=run_dir / "tensorboard" if recipe.logging.tensorboard else None,
-                        interval=recipe.logging.interval)
+                        interval=recipe.logging.interval, log_file=run_dir / "train_log.jsonl")
 
     start_step, resumed_first_eval = 0, None
     resume_from = ckpt.latest_checkpoint(run_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -16,11 +17,16 @@ def _is_rank0() -> bool:
 
 class Progress:
     def __init__(self, name: str, total_steps: int, start_step: int, tokens_per_step: int,
-                 tensorboard_dir: Optional[Path] = None, interval: int = 1):
+                 tensorboard_dir: Optional[Path] = None, interval: int = 1,
+                 log_file: Optional[Path] = None):
         self.name, self.total, self.interval = name, total_steps, interval
         self.tokens_per_step = tokens_per_step
         self.start_step, self.t0 = start_step, time.monotonic()
         self.writer = None
+        self.log_file = None
+        if log_file is not None and _is_rank0():
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            self.log_file = open(log_file, "a")
         if tensorboard_dir is not None and _is_rank0():
             from torch.utils.tensorboard import SummaryWriter
 
@@ -35,6 +41,10 @@ class Progress:
         done = step - self.start_step
         elapsed = max(time.monotonic() - self.t0, 1e-9)
         tokens_per_s = done * self.tokens_per_step / elapsed
+        if self.log_file is not None:  # machine-readable history (appended across resumes)
+            self.log_file.write(json.dumps({"step": step, "loss": loss, "lr": lr,
+                                            "grad_norm": grad_norm}) + "\n")
+            self.log_file.flush()
         if self.writer is not None:
             for key, value in (("train/loss", loss), ("train/lr", lr),
                                ("train/grad_norm", grad_norm), ("train/tokens_per_s", tokens_per_s)):
@@ -53,6 +63,8 @@ class Progress:
                      ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
     def close(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

@@ -1,0 +1,1 @@
+"""Offline data preparation: shard building, tokenizer training, the demo corpus."""

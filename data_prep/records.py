@@ -1,0 +1,173 @@
+"""JSONL conversation records -> shard samples (metadata + pre-cut tiles).
+
+Accepted input, one JSON object per line (paths relative to the JSONL file, or to --image-root):
+
+    {"id": "x1", "messages": [{"role": "system", "content": "/no_think"},
+                              {"role": "user", "content": "<image>\\nWhat is written here?"},
+                              {"role": "assistant", "content": "HELLO", "reasoning": "..."}],
+     "images": ["images/x1.png"]}
+    {"id": "v1", "messages": [...a user turn with "<video>"...],
+     "videos": [{"frames": ["clip/f0.png", "clip/f1.png"], "timestamps": [0.0, 0.5]}]}
+    {"id": "doc1", "text": "plain document: loss on every token"}
+
+``conversations`` is accepted for ``messages``, and LLaVA-style turns ``{"from": "human"|"gpt"|
+"system", "value": ...}`` for ``{"role", "content"}``. When a record has images but no ``<image>``
+placeholder, one ``<image>\\n`` per image is put at the start of the first user turn.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from megatron_vlm.data.image import encode_tile, load_rgb
+from megatron_vlm.data.schema import (
+    IMAGE_PLACEHOLDER,
+    SAMPLE_SCHEMA,
+    VIDEO_PLACEHOLDER,
+    SchemaError,
+    dumps_metadata,
+    frame_member,
+    tile_member,
+    validate_metadata,
+)
+from megatron_vlm.data.tiling import TilingConfig, resize_frame, tile_image
+
+_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                 "system": "system"}
+
+
+class RecordError(ValueError):
+    """A record that cannot become a sample; `kind` is the summary counter it goes to."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    tiling: TilingConfig
+    image_format: str = "png"  # "png" or "jpeg"
+    jpeg_quality: int = 95
+    image_root: str | None = None  # base for relative media paths (default: the JSONL's folder)
+    source_name: str = ""  # recorded in metadata (the JSONL's file name, not its absolute path)
+
+    @property
+    def ext(self) -> str:
+        return "png" if self.image_format == "png" else "jpg"
+
+
+def _normalise_turns(record: dict) -> list[dict]:
+    turns = record.get("messages", record.get("conversations"))
+    if not isinstance(turns, list) or not turns:
+        raise RecordError("bad_record", "no 'messages' / 'conversations' list")
+    out = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise RecordError("bad_record", f"turn is not an object: {turn!r:.60}")
+        role = _ROLE_ALIASES.get(turn.get("role", turn.get("from")))
+        content = turn.get("content", turn.get("value"))
+        if role is None or not isinstance(content, str):
+            raise RecordError("bad_record", f"turn without a known role or text content: {turn!r:.60}")
+        norm = {"role": role, "content": content}
+        if role == "assistant" and turn.get("reasoning"):
+            norm["reasoning"] = str(turn["reasoning"])
+        out.append(norm)
+    if record.get("system") and out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": str(record["system"])})
+    return out
+
+
+def _resolve(path: str, base: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+def _load_media_image(path: str):
+    try:
+        return load_rgb(path)
+    except FileNotFoundError as exc:
+        raise RecordError("missing_image", f"missing image {path}") from exc
+    except Exception as exc:  # Pillow's errors for bad files are varied
+        raise RecordError("corrupt_image", f"corrupt image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def build_sample(record: dict, line: int, base_dir: str, options: BuildOptions) -> tuple[dict, list[tuple[str, bytes]]]:
+    """(metadata, [(member suffix, bytes)]) for one record; raises RecordError."""
+    base = options.image_root or base_dir
+    meta: dict = {"schema": SAMPLE_SCHEMA, "id": str(record.get("id", f"line{line}")),
+                  "source": {"file": options.source_name, "line": line}}
+    members: list[tuple[str, bytes]] = []
+    if "text" in record and "messages" not in record and "conversations" not in record:
+        if not isinstance(record["text"], str) or not record["text"]:
+            raise RecordError("bad_record", "empty 'text'")
+        meta.update(kind="text", text=record["text"], media=[])
+        validate_metadata(meta)
+        return meta, members
+
+    turns = _normalise_turns(record)
+    images = record.get("images") or []
+    videos = record.get("videos") or []
+    n_img = sum(t["content"].count(IMAGE_PLACEHOLDER) for t in turns)
+    if images and n_img == 0:
+        first_user = next((t for t in turns if t["role"] == "user"), None)
+        if first_user is None:
+            raise RecordError("bad_record", "images but no user turn to attach them to")
+        first_user["content"] = (IMAGE_PLACEHOLDER + "\n") * len(images) + first_user["content"]
+        n_img = len(images)
+    if n_img != len(images):
+        raise RecordError("bad_record", f"{n_img} <image> placeholders for {len(images)} images")
+
+    # Media in placeholder order over the conversation.
+    order = []
+    for t in turns:
+        for part in _split_placeholders(t["content"]):
+            if part in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+                order.append(part)
+    if order.count(VIDEO_PLACEHOLDER) != len(videos):
+        raise RecordError("bad_record", f"{order.count(VIDEO_PLACEHOLDER)} <video> placeholders for {len(videos)} videos")
+    media: list[dict] = []
+    image_iter, video_iter = iter(images), iter(videos)
+    cfg = options.tiling
+    for m, kind in enumerate(order):
+        if kind == IMAGE_PLACEHOLDER:
+            src = next(image_iter)
+            img = _load_media_image(_resolve(src, base))
+            tiled = tile_image(img, cfg)
+            names = []
+            for j, tile in enumerate(tiled.tiles):
+                name = tile_member(m, j, options.ext)
+                members.append((name, encode_tile(tile, options.image_format, options.jpeg_quality)))
+                names.append(name)
+            media.append({"type": "image", "source": src, "size": list(tiled.source_size),
+                          "grid": list(tiled.grid), "thumbnail": tiled.has_thumbnail, "tiles": names})
+        else:
+            video = next(video_iter)
+            frames = video.get("frames") or []
+            times = video.get("timestamps") or [0.5 * i for i in range(len(frames))]  # 2 fps default
+            if not frames or len(times) != len(frames):
+                raise RecordError("bad_record", "video without frames, or timestamps that do not match them")
+            entries = []
+            for j, (src, t) in enumerate(zip(frames, times)):
+                tile = resize_frame(_load_media_image(_resolve(src, base)), cfg.tile_size)
+                name = frame_member(m, j, options.ext)
+                members.append((name, encode_tile(tile, options.image_format, options.jpeg_quality)))
+                entries.append({"t": float(t), "tile": name})
+            media.append({"type": "video", "source": video.get("source", frames[0]), "frames": entries})
+    meta.update(kind="chat", conversation=turns, media=media, tile_size=cfg.tile_size)
+    try:
+        validate_metadata(meta)
+    except SchemaError as exc:
+        raise RecordError("bad_record", str(exc)) from exc
+    return meta, members
+
+
+def _split_placeholders(text: str) -> list[str]:
+    return _PLACEHOLDERS.split(text)
+
+
+def sample_members(meta: dict, tile_members: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """All members of a sample in file order: metadata first, then tiles."""
+    return [("json", dumps_metadata(meta))] + tile_members

@@ -1,0 +1,94 @@
+"""Image bytes <-> pixels, and the normalisation the vision tower expects.
+
+Tiles are stored as 8-bit RGB (PNG or JPEG) and normalised only when a batch is built:
+``x = (pixel / 255 - CLIP_MEAN) / CLIP_STD`` per channel, float32, channels first
+([N, 3, T, T]). The statistics are OpenAI CLIP's, which RADIO (c-RADIOv2-VLM-H) uses.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a complete, decodable image."""
+
+
+def load_rgb(source) -> Image.Image:
+    """Open a path or file object and fully decode it to RGB (raises on truncated/corrupt files)."""
+    with Image.open(source) as img:
+        img.load()  # decode now, so truncation is detected here and not later
+        if img.mode == "RGB":
+            return img.copy()
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # Transparent pixels become white (documents and plots drawn on white), not black.
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return img.convert("RGB")
+
+
+_TILE_FORMATS = ("PNG", "JPEG")
+
+
+def decode_tile(data: bytes, tile_size: int) -> np.ndarray:
+    """Decode one stored tile (PNG or JPEG) to a uint8 [T, T, 3] array, checking its size."""
+    try:
+        # Naming the formats skips Pillow's probing of every plugin (a large share of the cost
+        # for small tiles).
+        with Image.open(io.BytesIO(data), formats=_TILE_FORMATS) as img:
+            img.load()
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            if img.size != (tile_size, tile_size):
+                raise ImageDecodeError(f"tile is {img.size[0]}x{img.size[1]}, expected {tile_size}x{tile_size}")
+            return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(tile_size, tile_size, 3)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... on bad data
+        raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def encode_tile(tile: Image.Image, image_format: str = "png", jpeg_quality: int = 95) -> bytes:
+    """Encode one RGB tile; deterministic for a given Pillow version (no timestamps, fixed options)."""
+    buf = io.BytesIO()
+    if image_format == "png":
+        tile.save(buf, format="PNG", compress_level=6)
+    elif image_format in ("jpg", "jpeg"):
+        tile.save(buf, format="JPEG", quality=jpeg_quality, subsampling=0 if jpeg_quality >= 90 else 2)
+    else:
+        raise ValueError(f"unknown tile format {image_format!r} (png or jpeg)")
+    return buf.getvalue()
+
+
+def _stats(torch):
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return mean, std
+
+
+def normalize_tiles(tiles_uint8):
+    """uint8 [N, T, T, 3] (numpy or torch) -> float32 torch [N, 3, T, T], CLIP-normalised."""
+    import torch  # imported here so shard building does not pay for torch
+
+    x = torch.as_tensor(tiles_uint8)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected uint8 [N, T, T, 3], got {tuple(x.shape)} {x.dtype}")
+    mean, std = _stats(torch)
+    x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+def denormalize_tiles(tiles):
+    """Inverse of normalize_tiles, to uint8 [N, T, T, 3] (for inspection and tests)."""
+    import torch
+
+    mean, std = _stats(torch)
+    x = tiles * std + mean
+    return (x * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,130 @@
+"""Read a tar shard as a sequence of raw samples, turning damage into error records.
+
+A shard is opened from a local path (seekable: skipped members are not read) or from any URL
+WebDataset's ``gopen`` accepts (``http(s)://``, ``pipe:...``, ``file:``). Members are grouped
+into samples by key (consecutive members with the same key). Damage does not raise:
+
+- a member whose data ends early (truncated tar) yields a ``RawSample`` with ``error`` set that
+  names the member, and ends the shard (nothing after a truncation can be trusted);
+- a damaged header likewise ends the shard with an error record;
+- a sample without its ``.json`` member yields an error record.
+
+Callers decide what to count and log; the reader itself never logs.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from braceexpand import braceexpand
+
+from .schema import split_member_name
+
+
+@dataclass
+class RawSample:
+    shard: str
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)  # suffix -> bytes ("json", "m00.t00.png")
+    error: str | None = None  # why the sample is unusable; names the member
+    error_kind: str | None = None  # "truncated", "damaged_header", "missing_json", "open_failed"
+
+
+def expand_urls(spec) -> list[str]:
+    """A brace glob ('a-{000..009}.tar'), a list of them, or '::'-separated ones -> list of urls."""
+    if isinstance(spec, str):
+        spec = spec.split("::")
+    urls: list[str] = []
+    for s in spec:
+        urls.extend(braceexpand(s))
+    return urls
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _open_tar(url: str):
+    if _is_local(url) or url.startswith("file://"):
+        path = url[len("file://") :] if url.startswith("file://") else url
+        return tarfile.open(path, mode="r:*"), None
+    import webdataset  # only needed for remote / pipe urls
+
+    stream = webdataset.gopen(url, "rb")
+    return tarfile.open(fileobj=stream, mode="r|*"), stream
+
+
+def read_shard(url: str, skip_samples: int = 0, keep: Callable[[int], bool] | None = None) -> Iterator[RawSample]:
+    """Yield the raw samples of one shard in file order.
+
+    keep: optional predicate on a sample's index in the shard; samples it rejects are passed
+    over (not yielded, data not read). skip_samples: number of leading *kept* samples (error
+    records included) to pass over likewise. On a local file passed-over data is not even read
+    (tarfile seeks past it).
+    """
+    name = os.path.basename(url)
+    try:
+        tar, stream = _open_tar(url)
+    except (OSError, tarfile.TarError) as exc:
+        if skip_samples == 0:  # one record per visit, whichever samples the caller keeps
+            yield RawSample(shard=name, key="", error=f"cannot open shard: {type(exc).__name__}: {exc}",
+                            error_kind="open_failed")
+        return
+    index = 0  # index in the shard of the current sample
+    kept = 0  # kept samples before the current one
+    current: RawSample | None = None
+    wanted = False  # is the current sample kept and past skip_samples?
+
+    def finish(sample: RawSample) -> RawSample:
+        if sample.error is None and "json" not in sample.members:
+            sample.error = f"member {sample.key}.json missing"
+            sample.error_kind = "missing_json"
+        return sample
+
+    try:
+        while True:
+            try:
+                info = tar.next()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                where = f"after member {current.key}" if current else "at start"
+                err = f"damaged tar header {where}: {exc}"
+                if current is None:
+                    if skip_samples == 0 and (keep is None or keep(0)):
+                        yield RawSample(shard=name, key="", error=err, error_kind="damaged_header")
+                elif wanted:
+                    current.error, current.error_kind = err, "damaged_header"
+                    yield current
+                return
+            if info is None:
+                break
+            if not info.isfile():
+                continue
+            key, suffix = split_member_name(info.name)
+            if current is None or key != current.key:
+                if current is not None:
+                    if wanted:
+                        yield finish(current)
+                    index += 1
+                current = RawSample(shard=name, key=key)
+                is_kept = keep is None or keep(index)
+                wanted = is_kept and kept >= skip_samples
+                kept += is_kept
+            if not wanted or current.error is not None:
+                continue
+            try:
+                f = tar.extractfile(info)
+                current.members[suffix] = f.read() if f is not None else b""
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                current.error = f"member {info.name} truncated or unreadable: {exc}"
+                current.error_kind = "truncated"
+                yield current
+                return
+        if current is not None and wanted:
+            yield finish(current)
+    finally:
+        tar.close()
+        if stream is not None:
+            stream.close()

@@ -1,0 +1,125 @@
+"""Core attention for the local hybrid spec: causal, GQA, packed-sequence aware, runs on CPU.
+
+megatron's local ``DotProductAttention`` rejects ``packed_seq_params`` (only TE handles packing),
+so the local spec uses this module instead. It is a drop-in ``core_attention`` of megatron's
+``SelfAttention`` (same constructor and forward signature) built on
+``torch.nn.functional.scaled_dot_product_attention``.
+
+Packed sequences are attended one segment at a time (each a causal attention of its own), so
+nothing crosses a sample boundary and no [s, s] block-diagonal mask is materialised.
+No positional embedding is applied here or anywhere in Nemotron-H (megatron
+``position_embedding_type='none'``; ``transformers``' NemotronHAttention applies no rotary).
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_vlm.models.packing import packed_seq_idx
+
+
+def _segments(seq_idx: torch.Tensor):
+    """(start, end) runs of equal ids in the batch-major flattening of seq_idx [b, s]."""
+    flat = seq_idx.flatten()
+    change = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
+    bounds = [0] + change.tolist() + [flat.numel()]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class LocalCoreAttention(MegatronModule):
+    """Causal scaled-dot-product attention over [s, b, heads, dim] (or 'thd' [t, heads, dim])."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise NotImplementedError("LocalCoreAttention does not implement context parallelism")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise NotImplementedError(f"LocalCoreAttention is causal only, got {attn_mask_type}")
+        if config.apply_query_key_layer_scaling:
+            raise NotImplementedError("apply_query_key_layer_scaling is not supported")
+        self.layer_number = layer_number
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def _sdpa(self, q, k, v, attn_mask=None, is_causal=True):
+        # q [b, np, s, d], k/v [b, ng, s, d]; query head i uses kv head i // (np/ng), which is
+        # megatron's interleaved-by-group qkv layout.
+        p = self.dropout_p if self.training else 0.0
+        kwargs = dict(attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
+                      scale=self.softmax_scale, dropout_p=p,
+                      enable_gqa=q.size(1) != k.size(1))
+        if p > 0.0:
+            with get_cuda_rng_tracker().fork():
+                return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> Tensor:
+        """Returns the context [s, b, heads*dim]. ``attention_mask`` (megatron convention, True =
+        masked out, broadcastable to [b, 1, s, s]) is combined with causality when given."""
+        assert attention_bias is None, "attention_bias is not supported"
+        if query.dim() == 3:  # 'thd': megatron squeezed the unit batch axis
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        sq, bsz, nq, hd = query.shape
+
+        seq_idx = packed_seq_idx(packed_seq_params, bsz, sq)
+        if seq_idx is not None and attention_mask is None:
+            # One causal attention per packed segment, on [1, heads, len, dim] slices of the
+            # batch-major token order.
+            def flat(t):  # [s, b, h, d] -> [b*s, h, d]
+                return t.transpose(0, 1).reshape(bsz * sq, t.size(2), t.size(3))
+
+            qf, kf, vf = flat(query), flat(key), flat(value)
+            outs = []
+            for start, end in _segments(seq_idx.to(query.device)):
+                q = qf[start:end].transpose(0, 1).unsqueeze(0)
+                k = kf[start:end].transpose(0, 1).unsqueeze(0)
+                v = vf[start:end].transpose(0, 1).unsqueeze(0)
+                outs.append(self._sdpa(q, k, v)[0].transpose(0, 1))  # [len, np, d]
+            ctx = torch.cat(outs, dim=0).view(bsz, sq, nq * hd)
+            return ctx.transpose(0, 1).contiguous()
+
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        mask = None
+        if attention_mask is not None or seq_idx is not None:
+            allowed = torch.ones(sq, sq, dtype=torch.bool, device=q.device).tril()
+            allowed = allowed.view(1, 1, sq, sq)
+            if seq_idx is not None:
+                seq_idx = seq_idx.to(q.device)
+                allowed = allowed & (seq_idx[:, None, :, None] == seq_idx[:, None, None, :])
+            if attention_mask is not None:
+                allowed = allowed & ~attention_mask.to(torch.bool)
+            mask = allowed
+        ctx = self._sdpa(q, k, v, attn_mask=mask)  # [b, np, s, d]
+        return ctx.permute(2, 0, 1, 3).reshape(sq, bsz, nq * hd)

@@ -1,0 +1,169 @@
+"""Layer specs (ModuleSpec) for the Nemotron-H hybrid stack on megatron-core's MambaModel.
+
+Two specs with one parameter layout, picked automatically:
+
+* ``te``: TransformerEngine linears with the pre-norm fused in (``TELayerNormColumnParallelLinear``),
+  ``TEDotProductAttention``, ``TENorm`` -- megatron's own ``mamba_stack_spec`` with the Mamba
+  mixer swapped for :class:`HybridMambaMixer` (which itself uses the mamba-ssm kernels on CUDA).
+* ``local``: megatron's local Column/RowParallelLinear, with :class:`NormColumnParallelLinear`
+  standing in for TE's fused norm+linear, :class:`LocalCoreAttention` (packed sequences on CPU)
+  and :class:`RMSNorm`. Runs on CPU.
+
+Both give the parameter names (per layer ``i``, in ``decoder.layers.i``)::
+
+    M: mixer.in_proj.{weight,layer_norm_weight} mixer.conv1d.{weight,bias} mixer.{dt_bias,A_log,D}
+       mixer.norm.weight mixer.out_proj.weight
+    *: self_attention.linear_qkv.{weight,layer_norm_weight} self_attention.linear_proj.weight
+    -: mlp.linear_fc1.{weight,layer_norm_weight} mlp.linear_fc2.weight
+    decoder.final_norm.weight, embedding.word_embeddings.weight, output_layer.weight
+
+i.e. every layer's pre-norm weight lives as ``layer_norm_weight`` in the layer's first linear
+(TE's convention, also what Megatron-LM Nemotron-H checkpoints contain), never as a separate
+``norm`` / ``input_layernorm`` module. TE modules additionally carry ``_extra_state`` entries
+(FP8 metadata); the local modules return None for it.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.tensor_parallel import RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_vlm.models.core_attention import LocalCoreAttention
+from megatron_vlm.models.mamba_mixer import HybridMambaMixer
+from megatron_vlm.models.norms import NormColumnParallelLinear, RMSNorm
+
+
+def te_available() -> bool:
+    """TransformerEngine importable and a GPU present (TE's modules need CUDA)."""
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(HAVE_TE) and torch.cuda.is_available()
+
+
+@dataclass
+class MixerSubmodules:
+    """Linear layers of the Mamba mixer (megatron's MambaMixerSubmodules, which cannot be imported
+    without Triton)."""
+
+    in_proj: Union[ModuleSpec, type] = None
+    out_proj: Union[ModuleSpec, type] = None
+
+
+@dataclass
+class HybridStackSubmodules(MambaStackSubmodules):
+    """MambaStackSubmodules plus the final norm, which megatron hard-codes to TENorm."""
+
+    final_norm: Union[ModuleSpec, type] = None
+
+
+class HybridStack(MambaStack):
+    """megatron's MambaStack with the final norm taken from the spec.
+
+    MambaStack builds ``final_norm`` with TENorm unconditionally, which cannot exist without TE;
+    everything else (layer allocation from ``hybrid_override_pattern``, pipeline split, sharded
+    state dict) is megatron's.
+    """
+
+    def __init__(self, config, submodules: HybridStackSubmodules, *args,
+                 post_layer_norm: bool = True, **kwargs):
+        super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
+        self.post_layer_norm = post_layer_norm
+        if self.post_process and post_layer_norm:
+            self.final_norm = build_module(submodules.final_norm, config=config,
+                                           hidden_size=config.hidden_size,
+                                           eps=config.layernorm_epsilon)
+
+
+def _layer_specs(norm_linear, row_linear, core_attention, final_norm, mixer_params: dict):
+    return ModuleSpec(
+        module=HybridStack,
+        submodules=HybridStackSubmodules(
+            mamba_layer=ModuleSpec(
+                module=MambaLayer,
+                submodules=MambaLayerSubmodules(
+                    mixer=ModuleSpec(
+                        module=HybridMambaMixer,
+                        params=dict(mixer_params),
+                        submodules=MixerSubmodules(in_proj=norm_linear, out_proj=row_linear),
+                    ),
+                    mamba_bda=get_bias_dropout_add,
+                ),
+            ),
+            attention_layer=ModuleSpec(
+                module=TransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    self_attention=ModuleSpec(
+                        module=SelfAttention,
+                        params={"attn_mask_type": AttnMaskType.causal},
+                        submodules=SelfAttentionSubmodules(
+                            linear_qkv=norm_linear,
+                            core_attention=core_attention,
+                            linear_proj=row_linear,
+                        ),
+                    ),
+                    self_attn_bda=get_bias_dropout_add,
+                ),
+            ),
+            mlp_layer=ModuleSpec(
+                module=MLPLayer,
+                submodules=TransformerLayerSubmodules(
+                    mlp=ModuleSpec(
+                        module=MLP,
+                        submodules=MLPSubmodules(linear_fc1=norm_linear, linear_fc2=row_linear),
+                    ),
+                    mlp_bda=get_bias_dropout_add,
+                ),
+            ),
+            final_norm=final_norm,
+        ),
+    )
+
+
+def get_hybrid_stack_spec(
+    impl: str = "auto",
+    chunk_size: int = 128,
+    dt_clamp_min: Optional[float] = None,
+    mamba_norm_eps: float = 1e-5,
+    conv_kernel: int = 4,
+) -> ModuleSpec:
+    """Spec for ``MambaModel(mamba_stack_spec=...)``.
+
+    impl: "te", "local" or "auto" (TE when importable with a GPU, else local).
+    The other arguments are Mamba mixer settings that TransformerConfig does not carry.
+    """
+    if impl == "auto":
+        impl = "te" if te_available() else "local"
+    mixer_params = dict(chunk_size=chunk_size, dt_clamp_min=dt_clamp_min,
+                        norm_eps=mamba_norm_eps, d_conv=conv_kernel)
+    if impl == "local":
+        return _layer_specs(NormColumnParallelLinear, RowParallelLinear, LocalCoreAttention,
+                            RMSNorm, mixer_params)
+    if impl == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+            TENorm,
+            TERowParallelLinear,
+        )
+
+        return _layer_specs(TELayerNormColumnParallelLinear, TERowParallelLinear,
+                            TEDotProductAttention, TENorm, mixer_params)
+    raise ValueError(f"unknown hybrid spec implementation {impl!r} (te, local or auto)")
+
+
+def resolved_impl(impl: str = "auto") -> str:
+    """The implementation ``get_hybrid_stack_spec(impl)`` picks."""
+    return ("te" if te_available() else "local") if impl == "auto" else impl

@@ -1,0 +1,276 @@
+"""Mamba2 mixer for megatron-core's hybrid stack (``MambaLayer.mixer``), runnable on CPU and GPU.
+
+Parameters, shapes and tensor-parallel partitioning follow megatron-core's ``MambaMixer`` so that
+Megatron-LM Nemotron-H checkpoints load unchanged:
+
+    in_proj   ColumnParallel  hidden -> [z | x | B | C | dt]   (d_inner, d_inner, G*N, G*N, H)
+    conv1d    depthwise over [x | B | C], kernel d_conv, with bias
+    dt_bias, A_log, D   [H]        norm.weight [d_inner]        out_proj RowParallel d_inner -> hidden
+
+Tensor parallelism: every rank owns H/tp heads and G/tp groups. Megatron's ColumnParallelLinear
+cuts its output rows into contiguous rank blocks, so rank r's in_proj rows are its own
+[z_r | x_r | B_r | C_r | dt_r] -- the per-rank layout is the same as the unsplit one, just smaller.
+Consequently the *full* in_proj matrix is not the concatenation of the rank blocks; the sharded
+state dict therefore splits in_proj (and conv1d) into z/x/B/C/dt pieces, each sharded over TP
+(keys ``in_proj.weight.z`` ... as in megatron), which is what makes resharding between TP sizes
+exact.
+
+Compute goes through ``mamba_ops`` (fused kernels on CUDA when present, plain torch otherwise).
+Packed sequences (``PackedSeqParams.cu_seqlens_q[_padded]``) reset both the convolution window and
+the SSM state at every sequence start.
+"""
+
+import math
+from dataclasses import replace
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+
+from megatron_vlm.models import mamba_ops
+from megatron_vlm.models.norms import GatedRMSNorm, param_device
+from megatron_vlm.models.packing import packed_seq_idx
+
+
+class HybridMambaMixer(MegatronModule):
+    """Drop-in for megatron's MambaMixer in a ``MambaLayer`` spec (same constructor arguments).
+
+    Spec params beyond megatron's: ``dt_clamp_min`` (optional lower clamp of the step size; None =
+    megatron behaviour, ``transformers`` clamps at its time_step_min) and ``norm_eps``.
+    ``chunk_size`` is megatron's own argument (SSD chunk length).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules,
+        d_model: int,
+        d_conv: int = 4,
+        conv_init: Optional[float] = None,
+        expand: int = 2,
+        A_init_range=(1, 16),
+        D_has_hdim: bool = False,
+        rmsnorm: bool = True,
+        norm_before_gate: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        bias: bool = False,
+        conv_bias: bool = True,
+        chunk_size: int = 128,
+        dt_clamp_min: Optional[float] = None,
+        norm_eps: float = 1e-5,
+        layer_number: Optional[int] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        pp_layer_offset: int = 0,
+    ):
+        super().__init__(config)
+        # Megatron-LM Nemotron-H: gated RMSNorm after the scan, per-head D, no projection bias.
+        if not rmsnorm or norm_before_gate or D_has_hdim or bias:
+            raise NotImplementedError("only rmsnorm=True, norm_before_gate=False, per-head D, no bias")
+        assert pg_collection is not None, "pg_collection must be provided"
+        self.config = config
+        self.layer_number = layer_number
+        self.pp_layer_offset = pp_layer_offset
+        self.chunk_size = chunk_size
+        self.dt_clamp_min = dt_clamp_min
+        self.tp_group = pg_collection.tp
+        if pg_collection.cp is not None and pg_collection.cp.size() > 1:
+            raise NotImplementedError("context parallelism is not implemented in HybridMambaMixer")
+
+        self.d_model = d_model
+        self.d_conv = d_conv
+        self.d_state = config.mamba_state_dim
+        self.headdim = config.mamba_head_dim
+        self.ngroups = config.mamba_num_groups
+        if config.mamba_num_heads is not None:
+            self.nheads = config.mamba_num_heads
+        else:
+            assert (expand * d_model) % self.headdim == 0
+            self.nheads = expand * d_model // self.headdim
+        self.d_inner = self.nheads * self.headdim
+
+        tp = self.tp_group.size()
+        assert self.nheads % tp == 0, "mamba heads must divide by the tensor-parallel size"
+        assert self.ngroups % tp == 0, "mamba groups must divide by the tensor-parallel size"
+        assert self.nheads % self.ngroups == 0, "mamba heads must divide by groups"
+        self.nheads_local = self.nheads // tp
+        self.ngroups_local = self.ngroups // tp
+        self.d_inner_local = self.d_inner // tp
+
+        self.in_proj = build_module(
+            submodules.in_proj,
+            d_model,
+            2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads,
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=False,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="fc1",
+            tp_group=self.tp_group,
+        )
+
+        device = param_device(config)
+        dtype = config.params_dtype
+        conv_dim = self.d_inner_local + 2 * self.ngroups_local * self.d_state
+        # Per-rank-distinct random init, like megatron (the fork is the model-parallel RNG).
+        with get_cuda_rng_tracker().fork():
+            self.conv1d = nn.Conv1d(conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim,
+                                    padding=d_conv - 1, bias=conv_bias, device=device, dtype=dtype)
+            if config.perform_initialization:
+                if conv_init is not None:
+                    nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+                else:
+                    nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
+            # dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max].
+            dt = torch.exp(
+                torch.rand(self.nheads_local, device=device, dtype=dtype)
+                * (math.log(dt_max) - math.log(dt_min))
+                + math.log(dt_min)
+            ).clamp(min=dt_init_floor)
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+            A = torch.empty(self.nheads_local, dtype=torch.float32, device=device)
+            if config.perform_initialization:
+                A.uniform_(*A_init_range)
+            else:
+                A.fill_(1.0)
+            self.A_log = nn.Parameter(torch.log(A))  # kept in fp32, as in megatron
+        self.D = nn.Parameter(torch.ones(self.nheads_local, device=device))  # fp32
+        for p in (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D):
+            if p is not None:
+                setattr(p, "tensor_model_parallel", True)
+                setattr(p, "partition_dim", 0)
+                setattr(p, "partition_stride", 1)
+
+        self.norm = GatedRMSNorm(self.d_inner_local, self.d_inner // self.ngroups, norm_eps,
+                                 config, tp_group=self.tp_group)
+
+        self.out_proj = build_module(
+            submodules.out_proj,
+            self.d_inner,
+            d_model,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="fc2",
+            tp_group=self.tp_group,
+        )
+
+    def forward(self, hidden_states, inference_context=None, *, inference_params=None,
+                packed_seq_params: Optional[PackedSeqParams] = None):
+        """hidden_states [s, b, h] -> (out [s, b, h], out_bias).
+
+        With sequence parallelism the input is the local sequence shard; in_proj gathers it and
+        out_proj scatters back, so the scan always sees whole sequences.
+        """
+        if inference_context is not None or inference_params is not None:
+            raise NotImplementedError("incremental decoding is not implemented in HybridMambaMixer")
+
+        zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, local proj]
+        seqlen, bsz, _ = zxbcdt.shape
+        zxbcdt = zxbcdt.transpose(0, 1)  # [b, s, .]
+        seq_idx = packed_seq_idx(packed_seq_params, bsz, seqlen)
+        if seq_idx is not None:
+            seq_idx = seq_idx.to(zxbcdt.device)
+
+        gs = self.ngroups_local * self.d_state
+        z, xbc, dt = torch.split(
+            zxbcdt, [self.d_inner_local, self.d_inner_local + 2 * gs, self.nheads_local], dim=-1)
+        xbc = mamba_ops.causal_conv1d_silu(
+            xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx)
+        x, B, C = torch.split(xbc, [self.d_inner_local, gs, gs], dim=-1)
+
+        y = mamba_ops.ssd(
+            x.reshape(bsz, seqlen, self.nheads_local, self.headdim),
+            dt,
+            self.dt_bias,
+            -torch.exp(self.A_log.float()),
+            B.reshape(bsz, seqlen, self.ngroups_local, self.d_state),
+            C.reshape(bsz, seqlen, self.ngroups_local, self.d_state),
+            self.D,
+            self.chunk_size,
+            seq_idx=seq_idx,
+            dt_min=self.dt_clamp_min,
+        )
+        y = self.norm(y.reshape(bsz, seqlen, self.d_inner_local), z)
+        return self.out_proj(y.transpose(0, 1).contiguous())
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Megatron MambaMixer's checkpoint layout (see module docstring)."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        dp_cp_group = metadata["dp_cp_group"]
+        own = {k: v for k, v in self.state_dict(prefix="", keep_vars=True).items() if "." not in k}
+        sharded = make_sharded_tensors_for_checkpoint(
+            own, prefix, {"A_log": 0, "dt_bias": 0, "D": 0}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=dp_cp_group)
+        for name, module in self.named_children():
+            if name == "conv1d":
+                sharded.update(make_sharded_tensors_for_checkpoint(
+                    module.state_dict(prefix="", keep_vars=True), f"{prefix}{name}.",
+                    {"weight": 0, "bias": 0}, sharded_offsets,
+                    tp_group=self.tp_group, dp_cp_group=dp_cp_group))
+            else:
+                sharded.update(sharded_state_dict_default(
+                    module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group))
+
+        gs = self.ngroups_local * self.d_state
+        key = f"{prefix}in_proj.weight"
+        sharded[key] = _split_rows_factory(
+            sharded[key], [self.d_inner_local, self.d_inner_local, gs, gs, self.nheads_local],
+            ["z", "x", "B", "C", "dt"])
+        for name in ("conv1d.weight", "conv1d.bias"):
+            key = f"{prefix}{name}"
+            if key in sharded:
+                sharded[key] = _split_rows_factory(
+                    sharded[key], [self.d_inner_local, gs, gs], ["x", "B", "C"])
+        return sharded
+
+
+def _split_rows_factory(sh_ten: ShardedTensor, sections: List[int], names: List[str]):
+    """Checkpoint a TP-sharded tensor as independent row blocks ``<key>.<name>``.
+
+    Each block is narrowed out of the rank-local tensor and keeps TP sharding along axis 0, so a
+    block's global tensor is the concatenation of that block over ranks -- independent of the TP
+    size, which is what resharding needs.
+    """
+    assert isinstance(sh_ten, ShardedTensor), type(sh_ten)
+    assert sum(sections) == sh_ten.local_shape[0], (sections, sh_ten.local_shape)
+    template = sh_ten.without_data()
+
+    @torch.no_grad()
+    def build(key, data, replica_id, flattened_range):
+        full = replace(template, key=key, data=data, dtype=data.dtype, replica_id=replica_id,
+                       flattened_range=flattened_range)
+        pieces, start = [], 0
+        for size, name in zip(sections, names):
+            for piece in full.narrow(0, start, size):
+                piece.key = f"{piece.key}.{name}"
+                pieces.append(piece)
+            start += size
+        return pieces
+
+    @torch.no_grad()
+    def merge(loaded):
+        return torch.cat(loaded)
+
+    return ShardedTensorFactory(sh_ten.key, sh_ten.data, build, merge, sh_ten.replica_id)

@@ -1,0 +1,89 @@
+"""The one seam between the Mamba2 mixer and its compute kernels.
+
+On CUDA tensors, when ``causal_conv1d`` / ``mamba_ssm`` import, the fused kernels do the work
+(the same ones megatron-core's MambaMixer uses). Everywhere else -- CPU, or a GPU box without the
+kernels -- plain torch does: a depthwise causal convolution and the chunked SSD scan of
+``ssd_scan.py``. Both paths take the same arguments and honour packed-sequence ids, so the mixer
+does not know which one ran.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_vlm.models.ssd_scan import ssd_chunked_scan
+
+try:  # GPU kernels; optional.
+    from causal_conv1d import causal_conv1d_fn as _kernel_conv1d
+except ImportError:  # pragma: no cover - depends on the machine
+    _kernel_conv1d = None
+
+try:
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _kernel_ssd
+except ImportError:  # pragma: no cover - depends on the machine
+    _kernel_ssd = None
+
+# Tests and benchmarks flip this to compare both paths on one GPU.
+ALLOW_KERNELS = True
+
+
+def kernels_available(t: torch.Tensor) -> bool:
+    """True when the fused kernels can run on tensor ``t``."""
+    return ALLOW_KERNELS and t.is_cuda and _kernel_conv1d is not None and _kernel_ssd is not None
+
+
+def causal_conv1d_silu(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    seq_idx: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """SiLU(depthwise causal conv1d) over time. x [b, l, d], weight [d, k], bias [d] -> [b, l, d].
+
+    With ``seq_idx`` ([b, l] sequence ids) taps never reach into the previous packed sequence:
+    each output only sees inputs with its own id (the sequence start sees zeros before it).
+    """
+    bsz, seqlen, dim = x.shape
+    k = weight.shape[-1]
+    if kernels_available(x):
+        # The kernel wants channels-last memory ([b, d, l] view of a [b, l, d] tensor) for seq_idx.
+        out = _kernel_conv1d(
+            x.transpose(1, 2), weight, bias,
+            seq_idx=None if seq_idx is None else seq_idx.to(torch.int32).contiguous(),
+            activation="silu",
+        )
+        return out.transpose(1, 2)
+    if seq_idx is None:
+        out = F.conv1d(x.transpose(1, 2), weight.unsqueeze(1), bias, padding=k - 1, groups=dim)
+        return F.silu(out[..., :seqlen]).transpose(1, 2)
+    # Packed: sum of k shifted taps, each masked where the shifted token is in another sequence.
+    xp = F.pad(x, (0, 0, k - 1, 0))
+    ids = F.pad(seq_idx, (k - 1, 0), value=-1)  # -1 never equals a real id
+    out = torch.zeros_like(x) if bias is None else bias.to(x.dtype).expand_as(x).clone()
+    for shift in range(k):  # tap weight[:, k-1-shift] multiplies x[t - shift]
+        start = k - 1 - shift
+        same = (ids[:, start:start + seqlen] == seq_idx).unsqueeze(-1).to(x.dtype)
+        out = out + xp[:, start:start + seqlen] * same * weight[:, k - 1 - shift]
+    return F.silu(out)
+
+
+def ssd(
+    x: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor,
+    B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, chunk_size: int,
+    seq_idx: Optional[torch.Tensor] = None, dt_min: Optional[float] = None,
+) -> torch.Tensor:
+    """Mamba2 selective scan with softplus(dt + dt_bias) discretisation.
+
+    x [b, l, h, p], dt [b, l, h] (raw, before bias/softplus), A/D/dt_bias [h], B/C [b, l, g, n].
+    ``dt_min`` optionally clamps the step from below (``transformers`` clamps at time_step_min;
+    megatron-core's kernels do not clamp, so None is the megatron behaviour). Returns [b, l, h, p].
+    """
+    if kernels_available(x):
+        return _kernel_ssd(
+            x, dt, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias.float(), dt_softplus=True,
+            seq_idx=None if seq_idx is None else seq_idx.to(torch.int32).contiguous(),
+            dt_limit=(0.0 if dt_min is None else dt_min, float("inf")),
+        )
+    step = F.softplus(dt.float() + dt_bias.float())
+    if dt_min is not None:
+        step = step.clamp(min=dt_min)
+    return ssd_chunked_scan(x, step, A, B, C, chunk_size, D=D, seq_idx=seq_idx)

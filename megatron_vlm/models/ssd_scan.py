@@ -1,0 +1,217 @@
+"""Mamba2 SSD (state space duality) scan in plain torch, for machines without the Triton kernels.
+
+The recurrence computed, per batch row b, head h, head channel p and state channel n:
+
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t        (state, shape [p, n] per head)
+    y_t = C_t . h_t + D * x_t
+
+with B_t, C_t shared by all heads of a group (heads are assigned to groups contiguously, head
+h -> group h // (heads / groups), as in mamba-ssm and `transformers`).
+
+`ssd_chunked_scan` evaluates it in the chunked "SSD" form: the sequence is cut into chunks of
+`chunk_size`; inside a chunk the output is a masked, decayed attention-like product (quadratic in
+the chunk length only), and chunk-to-chunk state is carried by a short loop over chunks, so the
+cost is linear in sequence length. Packed sequences are handled through `seq_idx` (one id per
+token): the state is reset wherever the id changes, i.e. no information crosses a boundary. The
+reset is applied with masks rather than by putting -inf into the log-decay, because the chunk
+formulas subtract cumulative sums and an infinite (or huge) decay would destroy their precision.
+
+`ssd_reference_scan` is the token-by-token recurrence above; it exists as the test oracle.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Per-token sequence ids, shape [batch, seqlen], from cumulative sequence lengths.
+
+    `cu_seqlens` indexes the batch-major flattening of the [batch, seqlen] token grid (token (b, s)
+    is at b * seqlen + s), the convention of megatron's PackedSeqParams (where batch is 1 for the
+    'thd' format). Tokens past cu_seqlens[-1] (padding at the end of a pack) form one more
+    sequence of their own. Row starts always begin a new sequence, since different batch rows
+    never share state, even if cu_seqlens does not list the row boundary.
+    """
+    total = batch * seqlen
+    cu = cu_seqlens.to(torch.long).flatten()
+    positions = torch.arange(total, device=cu.device)
+    # id = number of boundaries (excluding the leading 0) at or before the token.
+    ids = torch.searchsorted(cu[1:].contiguous(), positions, right=True)
+    ids = ids.view(batch, seqlen)
+    if batch > 1:
+        # Offset every row so a sequence that would straddle a row boundary is split there.
+        row_offset = torch.arange(batch, device=cu.device).unsqueeze(1) * (cu.numel() + 1)
+        ids = ids + row_offset
+    return ids
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """out[..., i, j] = sum_{k=j+1..i} a[..., k] for j <= i, and -inf above the diagonal.
+
+    Computed with a masked cumulative sum instead of cumsum[i] - cumsum[j], so that long chunks
+    with strong decay keep full relative precision.
+    """
+    q = a.size(-1)
+    a = a.unsqueeze(-1).expand(*a.shape, q)  # [..., i(k), j]
+    strictly_lower = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device), diagonal=-1)
+    a = a.masked_fill(~strictly_lower, 0.0)
+    out = torch.cumsum(a, dim=-2)
+    lower = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device), diagonal=0)
+    return out.masked_fill(~lower, float("-inf"))
+
+
+def ssd_chunked_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: Optional[torch.Tensor] = None,
+    seq_idx: Optional[torch.Tensor] = None,
+    initial_states: Optional[torch.Tensor] = None,
+    return_final_states: bool = False,
+):
+    """Chunked SSD scan.
+
+    Args:
+        x: [b, l, h, p] inputs.
+        dt: [b, l, h] step sizes, already positive (softplus and bias applied by the caller).
+        A: [h] negative decay rates (-exp(A_log)).
+        B, C: [b, l, g, n] input/output projections, g groups dividing h.
+        chunk_size: chunk length; need not divide l (the tail is zero-padded, which is exact:
+            padded steps have dt = 0, so they neither decay nor feed the state).
+        D: [h] skip coefficient (optional).
+        seq_idx: [b, l] integer sequence ids for packed sequences (optional).
+        initial_states: [b, h, p, n] state before the first token (belongs to the first
+            sequence of each row).
+        return_final_states: also return the state after the last token, [b, h, p, n].
+
+    Returns:
+        y [b, l, h, p] in x's dtype (and the final state in fp32 when requested).
+    Computation is in fp32 regardless of the input dtype.
+    """
+    bsz, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    assert nheads % ngroups == 0, "heads must be a multiple of groups"
+    heads_per_group = nheads // ngroups
+    out_dtype = x.dtype
+
+    xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
+    Af = A.float()
+
+    pad = (-seqlen) % chunk_size
+    if pad:
+        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
+        dtf = F.pad(dtf, (0, 0, 0, pad))
+        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
+        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+        if seq_idx is not None:
+            # Padding continues the last sequence; it carries no input, so it changes nothing.
+            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(bsz, pad)], dim=1)
+    nchunks = (seqlen + pad) // chunk_size
+    q = chunk_size
+
+    # [b, c, q, ...] chunk views.
+    xc = xf.view(bsz, nchunks, q, nheads, headdim)
+    dtc = dtf.view(bsz, nchunks, q, nheads)
+    Bc = Bf.view(bsz, nchunks, q, ngroups, dstate)
+    Cc = Cf.view(bsz, nchunks, q, ngroups, dstate)
+
+    # Log-decay per step, laid out [b, h, c, q] so the chunk position is the last axis.
+    a = (dtc * Af).permute(0, 3, 1, 2)
+    a_cumsum = torch.cumsum(a, dim=-1)  # decay from chunk start (exclusive) to position l
+    decay = torch.exp(_segsum(a))  # [b, h, c, l, s]: decay from s (exclusive) to l
+
+    if seq_idx is not None:
+        sc = seq_idx.view(bsz, nchunks, q)
+        same_seq = sc.unsqueeze(-1) == sc.unsqueeze(-2)  # [b, c, l, s]
+        decay = decay * same_seq.unsqueeze(1)
+
+    xdt = xc * dtc.unsqueeze(-1)  # dt_s * x_s, [b, c, s, h, p]
+
+    # 1) Intra-chunk output: y_l = sum_{s<=l} (C_l . B_s) decay(l, s) dt_s x_s.
+    cb = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
+    cb = cb.repeat_interleave(heads_per_group, dim=2)  # -> heads, [b, c, h, l, s]
+    scores = cb * decay.permute(0, 2, 1, 3, 4)  # [b, c, h, l, s]
+    y = torch.einsum("bchls,bcshp->bclhp", scores, xdt)
+
+    # 2) State each chunk contributes at its own end: sum_s decay(end, s) B_s dt_s x_s.
+    #    decay(end, s) is the last row of the intra-chunk decay (it already holds the reset mask).
+    decay_to_end = decay[..., -1, :]  # [b, h, c, s]
+    Bh = Bc.repeat_interleave(heads_per_group, dim=3)  # [b, c, s, h, n]
+    chunk_states = torch.einsum("bhcs,bcshn,bcshp->bchpn", decay_to_end, Bh, xdt)
+
+    # 3) Carry the state across chunks (short loop over chunks; linear in sequence length).
+    chunk_decay = torch.exp(a_cumsum[..., -1])  # [b, h, c]: decay across a whole chunk
+    if seq_idx is not None:
+        # Sequence that owns the state entering chunk c: the one of chunk c-1's last token (for
+        # chunk 0, the initial state belongs to the row's first sequence).
+        last_ids = sc[:, :, -1]
+        owner = torch.cat([sc[:, :1, 0], last_ids[:, :-1]], dim=1)  # [b, c]
+        # The carried state survives chunk c only if chunk c ends in the owner's sequence.
+        chunk_decay = chunk_decay * (last_ids == owner).unsqueeze(1)
+    state = (
+        initial_states.float()
+        if initial_states is not None
+        else xf.new_zeros(bsz, nheads, headdim, dstate)
+    )
+    entering = []
+    for c in range(nchunks):
+        entering.append(state)
+        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
+    entering = torch.stack(entering, dim=1)  # [b, c, h, p, n]
+
+    # 4) Output from the entering state: y_l += exp(a_cumsum[l]) C_l . state.
+    Ch = Cc.repeat_interleave(heads_per_group, dim=3)  # [b, c, l, h, n]
+    out_decay = torch.exp(a_cumsum).permute(0, 2, 3, 1)  # [b, c, l, h]
+    if seq_idx is not None:
+        out_decay = out_decay * (sc == owner.unsqueeze(-1)).unsqueeze(-1)
+    y = y + torch.einsum("bclhn,bchpn->bclhp", Ch, entering) * out_decay.unsqueeze(-1)
+
+    y = y.reshape(bsz, nchunks * q, nheads, headdim)[:, :seqlen]
+    if D is not None:
+        y = y + xf[:, :seqlen] * D.float().view(1, 1, nheads, 1)
+    y = y.to(out_dtype)
+    if return_final_states:
+        return y, state
+    return y
+
+
+def ssd_reference_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    seq_idx: Optional[torch.Tensor] = None,
+    initial_states: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token recurrence (fp64), the oracle for `ssd_chunked_scan`. Returns (y, final)."""
+    bsz, seqlen, nheads, headdim = x.shape
+    ngroups = B.shape[2]
+    rep = nheads // ngroups
+    xd, dtd, Ad = x.double(), dt.double(), A.double()
+    Bd = B.double().repeat_interleave(rep, dim=2)
+    Cd = C.double().repeat_interleave(rep, dim=2)
+    state = (
+        initial_states.double()
+        if initial_states is not None
+        else xd.new_zeros(bsz, nheads, headdim, B.shape[3])
+    )
+    ys = []
+    for t in range(seqlen):
+        if seq_idx is not None and t > 0:
+            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).double().view(bsz, 1, 1, 1)
+            state = state * keep
+        decay = torch.exp(dtd[:, t] * Ad).view(bsz, nheads, 1, 1)
+        inp = (dtd[:, t].view(bsz, nheads, 1, 1) * xd[:, t].unsqueeze(-1)) * Bd[:, t].unsqueeze(2)
+        state = decay * state + inp
+        y = torch.einsum("bhpn,bhn->bhp", state, Cd[:, t])
+        if D is not None:
+            y = y + D.double().view(1, nheads, 1) * xd[:, t]
+        ys.append(y)
+    return torch.stack(ys, dim=1), state

@@ -1,0 +1,306 @@
+"""Nemotron Nano V2 VL-style model: RADIO tower + pixel-shuffle connector + hybrid Nemotron-H LLM.
+
+    model = build_vlm("vlm_tiny", image_token_id=tokenizer.image_id)   # after initialize_distributed
+    model.freeze(vision=True, llm=True)                                # Stage 0: connector only
+    loss = model(tokens, tiles=tiles, labels=labels)                   # per-token loss [b, s]
+    logits = model(tokens, tiles=tiles)                                # [b, s, vocab/tp]
+
+Inputs follow the data pipeline's batch contract: ``tokens`` [b, s]; ``tiles`` [N, 3, T, T]
+(CLIP-normalised) in the order their ``<image>`` context tokens appear in the batch-major
+flattening of ``tokens``; each tile stands for ``(T/patch)^2 * ratio^2`` context tokens (256 for
+512 px tiles). Samples may have any number of tiles, including none; ``tiles`` may be None or
+empty when the batch has no image tokens.
+
+Data flow on the first pipeline stage: tiles -> ``vision_model`` (patch features) ->
+``vision_projection`` (pixel shuffle + mlp1) -> one embedding per ``<image>`` token, written over
+the LLM's text embeddings at those positions, in tile order -> ``language_model`` as
+``decoder_input``. Other pipeline stages hold only their share of LLM layers and take their input
+through ``set_input_tensor`` (megatron's schedules do this).
+
+Freezing (``freeze``) sets ``requires_grad = False``. A frozen vision tower runs under
+``torch.no_grad()`` (and so does a frozen connector behind it); a frozen LLM keeps building the
+graph of its activations, because gradients must flow through it to the connector, but its
+parameters get none. Freeze before wrapping in megatron's DDP: DDP only allocates gradient
+buffers for trainable parameters.
+
+Checkpoints: ``sharded_state_dict`` (megatron dist_checkpointing) gives ``language_model.*`` on
+every stage and ``vision_model.*`` / ``vision_projection.*`` on the first, so a checkpoint saved at
+one TP/PP layout loads at any other.
+"""
+
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+import yaml
+
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_vlm.models.config import RECIPES_DIR, load_model_config
+from megatron_vlm.models.connector import VisionConnector, build_connector
+from megatron_vlm.models.llm import build_hybrid_llm
+from megatron_vlm.models.packing import make_packed_seq_params
+from megatron_vlm.models.vision.config import load_radio_config
+from megatron_vlm.models.vision.radio import RadioVisionTower, build_radio_tower
+
+# Freezable parts and the attributes (= checkpoint prefixes) that hold them.
+PART_ATTRIBUTES = {"vision": "vision_model", "connector": "vision_projection", "llm": "language_model"}
+
+_VLM_DEFAULTS = dict(downsample_ratio=0.5, projector_norm_eps=1e-5, image_token_id=None)
+_VLM_REQUIRED = ("language_model", "vision_model", "projector_hidden_size")
+
+
+class ImageTokenMismatch(ValueError):
+    """The number of ``<image>`` tokens differs from the number of tile embeddings."""
+
+
+def load_vlm_config(name_or_path: Union[str, Path, dict]) -> dict:
+    """VLM config dict with its ``language_model`` / ``vision_model`` sub-configs resolved to dicts.
+
+    Sub-configs may be recipe names, YAML paths or inline dicts.
+    """
+    if isinstance(name_or_path, dict):
+        cfg = dict(name_or_path)
+    else:
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = RECIPES_DIR / f"{name_or_path}.yaml"
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    missing = [k for k in _VLM_REQUIRED if k not in cfg]
+    if missing:
+        raise ValueError(f"VLM config lacks {missing}")
+    for key, value in _VLM_DEFAULTS.items():
+        cfg.setdefault(key, value)
+    cfg["language_model"] = load_model_config(cfg["language_model"])
+    cfg["vision_model"] = load_radio_config(cfg["vision_model"])
+    return cfg
+
+
+def _grad_context(frozen: bool):
+    return torch.no_grad() if frozen else nullcontext()
+
+
+def _is_frozen(module: Optional[torch.nn.Module]) -> bool:
+    return module is not None and not any(p.requires_grad for p in module.parameters())
+
+
+class NemotronVLModel(MegatronModule):
+    """Vision tower + connector (first pipeline stage only) + hybrid LLM, as one megatron module."""
+
+    def __init__(
+        self,
+        language_model: MegatronModule,
+        vision_model: Optional[RadioVisionTower] = None,
+        vision_projection: Optional[VisionConnector] = None,
+        image_token_id: Optional[int] = None,
+    ):
+        super().__init__(config=language_model.config)
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process = language_model.pre_process
+        self.post_process = language_model.post_process
+        if self.pre_process and (vision_model is None or vision_projection is None):
+            raise ValueError("the first pipeline stage needs the vision tower and the connector")
+        if not self.pre_process and (vision_model is not None or vision_projection is not None):
+            raise ValueError("the vision tower and the connector live on the first stage only")
+        self.language_model = language_model
+        self.vision_model = vision_model
+        self.vision_projection = vision_projection
+        self.image_token_id = image_token_id
+        # megatron's finalize_model_grads reads these from the module that has ``pre_process``.
+        self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
+        self.sequence_parallel = language_model.config.sequence_parallel
+        if self.pre_process and self.sequence_parallel:
+            # Image embeddings are written at arbitrary sequence positions, so the text embeddings
+            # must come whole; the VLM scatters the spliced result itself (as megatron's LLaVA).
+            embedding = language_model.embedding
+            embedding.reduce_scatter_embeddings = False
+            embedding.word_embeddings.reduce_scatter_embeddings = False
+            embedding.scatter_to_sequence_parallel = False
+
+    # ---- megatron plumbing ------------------------------------------------------------------
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Activations from the previous pipeline stage go to the LLM's layers."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    # ---- freezing ---------------------------------------------------------------------------
+    def _parts(self) -> Dict[str, Optional[torch.nn.Module]]:
+        return {part: getattr(self, attr) for part, attr in PART_ATTRIBUTES.items()}
+
+    def freeze(self, vision: bool = False, connector: bool = False, llm: bool = False) -> None:
+        """Freeze (True) or make trainable (False) each part held by this pipeline stage."""
+        parts = self._parts()
+        for name, frozen in (("vision", vision), ("connector", connector), ("llm", llm)):
+            module = parts[name]
+            if module is not None:
+                for p in module.parameters():
+                    p.requires_grad_(not frozen)
+
+    def frozen_parts(self) -> Dict[str, Optional[bool]]:
+        """Per part: True frozen, False trainable, None not on this pipeline stage."""
+        return {name: (None if m is None else _is_frozen(m)) for name, m in self._parts().items()}
+
+    # ---- vision path --------------------------------------------------------------------------
+    def tokens_per_tile(self, tiles: torch.Tensor) -> int:
+        rows, cols = self.vision_model.grid_dims(tiles.shape[-2], tiles.shape[-1])
+        merge = round(1 / self.vision_projection.downsample_ratio)
+        if rows % merge or cols % merge:
+            raise ValueError(f"tiles of {tiles.shape[-2]}x{tiles.shape[-1]} px give a {rows}x{cols} "
+                             f"patch grid, not divisible by the pixel-shuffle merge factor {merge}")
+        return (rows // merge) * (cols // merge)
+
+    def image_embeddings(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Tiles [N, 3, T, T] -> one LLM embedding per image token, [N * tokens_per_tile, h]."""
+        grid = self.vision_model.grid_dims(tiles.shape[-2], tiles.shape[-1])
+        vision_frozen = _is_frozen(self.vision_model)
+        with _grad_context(vision_frozen):
+            features = self.vision_model(tiles)
+        with _grad_context(vision_frozen and _is_frozen(self.vision_projection)):
+            embeds = self.vision_projection(features, grid)
+        return embeds.reshape(-1, embeds.shape[-1])
+
+    def _check_image_tokens(self, input_ids: torch.Tensor, tiles: Optional[torch.Tensor]) -> torch.Tensor:
+        """Boolean [b, s] mask of the image context tokens, after checking their count."""
+        num_tiles = 0 if tiles is None else int(tiles.shape[0])
+        if self.image_token_id is None:
+            if num_tiles:
+                raise ValueError("image_token_id is not set: cannot place the tile embeddings")
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        mask = input_ids == self.image_token_id
+        num_tokens = int(mask.sum())
+        per_tile = self.tokens_per_tile(tiles) if num_tiles else 0
+        if num_tokens != num_tiles * per_tile:
+            raise ImageTokenMismatch(
+                f"the batch has {num_tokens} image context tokens (id {self.image_token_id}) but "
+                f"{num_tiles * per_tile} tile embeddings ({num_tiles} tiles x {per_tile} tokens "
+                f"per tile)")
+        return mask
+
+    def embed_inputs(self, input_ids: torch.Tensor, tiles: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """LLM input embeddings [s, b, h]: text embeddings with image tokens replaced, in tile order."""
+        if tiles is not None and tiles.numel() == 0:
+            tiles = None
+        mask = self._check_image_tokens(input_ids, tiles)
+        text = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+        if tiles is None:
+            return text
+        image = self.image_embeddings(tiles).to(text.dtype)
+        seq, batch, hidden = text.shape
+        # Tile order is the batch-major order of the tokens; the embeddings are sequence-major.
+        b_idx, s_idx = mask.nonzero(as_tuple=True)
+        rows = s_idx * batch + b_idx
+        return text.reshape(seq * batch, hidden).index_copy(0, rows, image).view(seq, batch, hidden)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor],
+        tiles: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        runtime_gather_output: Optional[bool] = None,
+    ) -> torch.Tensor:
+        """Per-token loss [b, s] with ``labels`` (last stage), else logits [b, s, vocab/tp]
+        (last stage) or hidden states [s, b, h] (other stages).
+
+        ``input_ids`` and ``tiles`` are read on the first stage only. ``packed_seq_params``
+        (``make_packed_seq_params(cu_seqlens)``) keeps packed samples apart in the LLM.
+        """
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed_inputs(input_ids, tiles)
+            if self.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        return self.language_model(
+            input_ids=None, position_ids=None, attention_mask=attention_mask,
+            decoder_input=decoder_input, labels=labels, packed_seq_params=packed_seq_params,
+            runtime_gather_output=runtime_gather_output,
+        )
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """dist_checkpointing state: each part under its own prefix, with the part's own sharding
+        (the LLM's layers carry global layer numbers, so any PP layout maps onto the same keys)."""
+        assert not sharded_offsets, "unexpected sharded offsets"
+        state = {}
+        for part, attr in PART_ATTRIBUTES.items():
+            module = getattr(self, attr)
+            if module is not None:
+                state.update(module.sharded_state_dict(f"{prefix}{attr}.", (), metadata))
+        return state
+
+
+def build_vlm(
+    vlm_cfg: Union[str, dict],
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    impl: str = "auto",
+    image_token_id: Optional[int] = None,
+    freeze: Optional[Dict[str, bool]] = None,
+    **config_overrides,
+) -> NemotronVLModel:
+    """Build this pipeline stage's part of the VLM from a recipe name / YAML path / dict.
+
+    ``config_overrides`` go to both the LLM's and the tower's TransformerConfig (e.g.
+    ``params_dtype="float32"``, ``use_cpu_initialization=True``, ``perform_initialization=False``).
+    ``image_token_id`` overrides the YAML's (take it from the tokenizer: ``VLMTokenizer.image_id``).
+    ``freeze``: e.g. ``{"vision": True, "llm": True}`` for Stage 0.
+    """
+    cfg = load_vlm_config(vlm_cfg)
+    language_model = build_hybrid_llm(cfg["language_model"], pre_process, post_process, impl=impl,
+                                      **config_overrides)
+    vision_model = vision_projection = None
+    if language_model.pre_process:
+        # The tower runs on whole tiles: the LLM's sequence parallelism does not apply to it.
+        vision_overrides = {k: v for k, v in config_overrides.items() if k != "sequence_parallel"}
+        vision_model = build_radio_tower(cfg["vision_model"], impl=impl, **vision_overrides)
+        vision_projection = build_connector(
+            language_model.config,
+            vision_hidden=cfg["vision_model"]["hidden_size"],
+            llm_hidden=cfg["language_model"]["hidden_size"],
+            projector_hidden=cfg["projector_hidden_size"],
+            downsample_ratio=cfg["downsample_ratio"],
+            norm_eps=cfg["projector_norm_eps"],
+            impl=impl,
+        )
+    model = NemotronVLModel(
+        language_model, vision_model, vision_projection,
+        image_token_id=image_token_id if image_token_id is not None else cfg["image_token_id"],
+    )
+    if freeze:
+        unknown = set(freeze) - set(PART_ATTRIBUTES)
+        if unknown:
+            raise ValueError(f"unknown parts to freeze: {sorted(unknown)}")
+        model.freeze(**freeze)
+    return model
+
+
+def vlm_forward_step(data_iterator, model: torch.nn.Module):
+    """Forward step for megatron's schedules (``train_step(..., forward_step_func=...)``).
+
+    Batches follow the data contract (``tokens``, ``labels``, ``loss_mask``, optional ``tiles``,
+    optional ``cu_seqlens`` for packed rows). Stages that read no data get None.
+    """
+    from megatron_vlm.training.step import masked_lm_loss
+
+    batch = next(data_iterator) if data_iterator is not None else None
+    if batch is None:
+        return model(None), partial(masked_lm_loss, torch.ones(1))
+    cu_seqlens = batch.get("cu_seqlens")
+    packed = make_packed_seq_params(cu_seqlens) if cu_seqlens is not None else None
+    output = model(batch["tokens"], tiles=batch.get("tiles"), labels=batch["labels"],
+                   packed_seq_params=packed)
+    return output, partial(masked_lm_loss, batch["loss_mask"])
+
+
+def count_parameters(module: Optional[torch.nn.Module]) -> int:
+    """Parameter elements held by this rank (works on the meta device)."""
+    return 0 if module is None else sum(p.numel() for p in module.parameters())

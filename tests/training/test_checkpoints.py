@@ -1,0 +1,77 @@
+"""Resume, crash safety, resharding and stage chaining, through the real `megatron_vlm.train` CLI."""
+
+import signal
+import time
+
+import psutil
+
+from tests.multiproc import run_multiproc
+from tests.training.conftest import launch_train, read_log
+
+TEXT_DATA = ["data.blend=[{path: demo_data/shards/text/train}, {path: demo_data/shards/code/train}]",
+             "data.eval=[{path: demo_data/shards/text/eval}]", "eval.batches=1"]
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_losses(workdir):
+    common = ["train.steps=8", "checkpoint.interval=3", "schedule.warmup_steps=2", *TEXT_DATA]
+    launch_train(workdir, "base", *common, "checkpoint.dir=runs/full")
+    full = read_log(workdir / "runs/full")
+    assert sorted(full) == list(range(1, 9))
+
+    proc = launch_train(workdir, "base", *common, "checkpoint.dir=runs/killed", popen=True)
+    log = workdir / "runs/killed/train_log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 5):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "run never reached step 5"
+        time.sleep(0.05)
+    # torchrun's workers are not in the launcher's process group: kill the whole tree at once.
+    tree = psutil.Process(proc.pid)
+    for p in [tree, *tree.children(recursive=True)]:
+        p.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_proc = launch_train(workdir, "base", *common, "checkpoint.dir=runs/killed")
+    assert "resumed from" in resumed_proc.stdout
+    resumed_at = int(resumed_proc.stdout.split("resumed from")[1].split("at step")[1].split()[0])
+    assert resumed_at in (3, 6)
+    resumed = read_log(workdir / "runs/killed")
+    for step in range(resumed_at + 1, 9):
+        assert abs(resumed[step]["loss"] - full[step]["loss"]) <= 1e-6, (
+            step, resumed[step]["loss"], full[step]["loss"])
+        assert abs(resumed[step]["grad_norm"] - full[step]["grad_norm"]) <= 1e-6
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    (res,) = run_multiproc("tests.training.train_bodies:crash_during_save", nproc=1,
+                           root=str(tmp_path / "ckpt"))
+    assert res["crashed"] is True
+    assert res["latest"] == "step_0000001" and res["note"] == "good"
+    assert res["max_diff"] == 0.0
+    assert "step_0000002" not in res["entries_after_crash"]  # only the .tmp debris
+    assert res["latest_after_retry"] == "step_0000002"
+
+
+def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss(workdir):
+    launch_train(workdir, "base", "train.steps=2", "schedule.warmup_steps=0", "parallel.tp=2",
+                 "train.global_batch_size=2", "checkpoint.dir=runs/tp2", *TEXT_DATA)
+    kwargs = dict(workdir=str(workdir), checkpoint=str(workdir / "runs/tp2"), overrides=TEXT_DATA)
+    tp2 = run_multiproc("tests.training.train_bodies:checkpoint_eval_loss", nproc=2, tp=2, **kwargs)
+    (tp1,) = run_multiproc("tests.training.train_bodies:checkpoint_eval_loss", nproc=1, tp=1,
+                           **kwargs)
+    assert tp2[0] == tp2[1]
+    assert abs(tp1 - tp2[0]) <= 1e-5, (tp1, tp2)
+    assert 1.0 < tp1 < 20.0
+
+
+def test_stage0_changes_only_the_connector(workdir):
+    images = ["data.blend=[{path: demo_data/shards/ocr/train}]",
+              "data.eval=[{path: demo_data/shards/ocr/eval}]", "eval.batches=1"]
+    launch_train(workdir, "base", "train.steps=2", "schedule.warmup_steps=0",
+                 "checkpoint.dir=runs/base", *TEXT_DATA)
+    launch_train(workdir, "stage0", "train.steps=2", "schedule.warmup_steps=0",
+                 "checkpoint.dir=runs/stage0", "checkpoint.init_from=runs/base", *images)
+    (changed,) = run_multiproc("tests.training.train_bodies:changed_parts", nproc=1,
+                               workdir=str(workdir), before=str(workdir / "runs/base"),
+                               after=str(workdir / "runs/stage0"), overrides=images)
+    assert changed["vision"] == 0.0 and changed["llm"] == 0.0, changed
+    assert changed["connector"] > 1e-4, changed

@@ -1,0 +1,99 @@
+"""Bodies run under torchrun by the training tests (see tests/multiproc.py)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _recipe(workdir: str, name: str, overrides: list):
+    from megatron_vlm.training.recipe import load_recipe
+
+    os.chdir(workdir)
+    return load_recipe(f"recipes/tiny/{name}.yaml", overrides)
+
+
+def checkpoint_eval_loss(workdir: str, checkpoint: str, tp: int, overrides: list) -> float:
+    """Loss of the first eval batch from ``checkpoint``'s weights at tensor parallel size ``tp``."""
+    from megatron.core import parallel_state
+
+    from megatron_vlm.distributed import initialize_distributed
+    from megatron_vlm.models.vlm import vlm_forward_step
+    from megatron_vlm.training.checkpoint import latest_checkpoint, load_checkpoint
+    from megatron_vlm.training.data_setup import build_eval_batches
+    from megatron_vlm.training.model_setup import build_model_chunks
+    from megatron_vlm.training.step import eval_step
+
+    recipe = _recipe(workdir, "base", overrides + [f"parallel.tp={tp}", "eval.batches=1"])
+    initialize_distributed(tp=tp)
+    chunks, tokenizer, model_cfg = build_model_chunks(recipe)
+    load_checkpoint(latest_checkpoint(checkpoint), chunks)
+    batches = build_eval_batches(recipe, tokenizer, model_cfg,
+                                 parallel_state.get_data_parallel_rank(),
+                                 parallel_state.get_data_parallel_world_size())
+    first = next(iter(batches.values()))
+    chunks[0].eval()
+    return eval_step(chunks, iter(first), num_microbatches=1, seq_length=recipe.data.seq_length,
+                     micro_batch_size=1, forward_step_func=vlm_forward_step)
+
+
+def changed_parts(workdir: str, before: str, after: str, overrides: list) -> dict:
+    """Max abs change of each model part (vision, connector, llm) between two checkpoints."""
+    from megatron_vlm.distributed import initialize_distributed
+    from megatron_vlm.training.checkpoint import latest_checkpoint, load_checkpoint
+    from megatron_vlm.training.model_setup import build_model_chunks
+
+    recipe = _recipe(workdir, "stage0", overrides)
+    initialize_distributed()
+    params = []
+    for ckpt in (before, after):
+        chunks, _, _ = build_model_chunks(recipe)
+        load_checkpoint(latest_checkpoint(ckpt), chunks)
+        params.append({n: p.detach().clone() for n, p in chunks[0].named_parameters()})
+    prefix = {"vision_model.": "vision", "vision_projection.": "connector",
+              "language_model.": "llm"}
+    out = {part: 0.0 for part in prefix.values()}
+    for name, value in params[0].items():
+        part = next(v for k, v in prefix.items() if name.startswith(k))
+        out[part] = max(out[part], (params[1][name] - value).abs().max().item())
+    return out
+
+
+def crash_during_save(root: str) -> dict:
+    """Save step 1, crash inside the save of step 2, then load what `latest` points to."""
+    from megatron_vlm.distributed import initialize_distributed
+    from megatron_vlm.training import checkpoint as ckpt
+    from tests.foundation.gpt_bodies import build_gpt
+
+    initialize_distributed()
+    model = build_gpt(1, 1)
+    ckpt.save_checkpoint(root, 1, [model], meta={"note": "good"})
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # step 2 would hold different weights
+
+    real_save = torch.save
+
+    def crashing_save(*args, **kwargs):  # the model shards are written; the crash comes after
+        raise RuntimeError("injected crash during checkpoint save")
+
+    torch.save = crashing_save
+    try:
+        ckpt.save_checkpoint(root, 2, [model])
+        crashed = False
+    except RuntimeError:
+        crashed = True
+    finally:
+        torch.save = real_save
+    latest = ckpt.latest_checkpoint(root)
+    fresh = build_gpt(1, 1)
+    meta = ckpt.load_checkpoint(latest, [fresh])
+    diff = max((p.detach() - saved[n]).abs().max().item() for n, p in fresh.named_parameters())
+    leftovers = sorted(p.name for p in __import__("pathlib").Path(root).iterdir())
+    # A later save at the same step succeeds over the debris.
+    ckpt.save_checkpoint(root, 2, [model])
+    return {"crashed": crashed, "latest": latest.name, "note": meta.get("note"),
+            "max_diff": diff, "entries_after_crash": leftovers,
+            "latest_after_retry": ckpt.latest_checkpoint(root).name}
