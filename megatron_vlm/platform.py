@@ -11,6 +11,7 @@ when CUDA is absent:
   that megatron's assertions expect;
 * shims for the few ``torch.cuda`` functions megatron calls that fail without a driver
   (``current_device``, ``synchronize``, ``manual_seed``, streams/events, memory queries);
+* eager execution of the functions megatron wraps in ``torch.compile``;
 * a CPU RNG tracker in place of megatron's ``CudaRNGStatesTracker`` so that
   ``model_parallel_cuda_manual_seed`` and the dropout forks of tensor-parallel layers work.
 
@@ -122,7 +123,9 @@ class _CpuEvent:
 def _install_cuda_shims():
     cuda = torch.cuda
     cuda.is_available = lambda: False
-    cuda.current_device = lambda: 0
+    # A string, not 0: torch function modes are not active inside autograd's backward, where
+    # megatron's sequence-parallel layers allocate with device=torch.cuda.current_device().
+    cuda.current_device = lambda: "cpu"
     cuda.synchronize = lambda *a, **k: None
     cuda.set_device = lambda *a, **k: None
     cuda.device_count = lambda: 0
@@ -183,6 +186,16 @@ def _install_rng_tracker():
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+def _disable_compilation():
+    """megatron wraps small fused functions in torch.compile; on CPU compiling them costs ~30 s
+    per process and gains nothing for models this size, so they run eagerly."""
+    import torch._dynamo
+    from megatron.core import jit
+
+    jit.disable_jit_fuser()  # for megatron modules imported from now on
+    torch._dynamo.config.disable = True  # for functions already wrapped
+
+
 def setup_platform() -> bool:
     """Make megatron-core usable on this machine. Idempotent; returns True if the CPU layer is on.
 
@@ -198,6 +211,7 @@ def setup_platform() -> bool:
             return False
         _install_cuda_shims()
         _install_rng_tracker()
+        _disable_compilation()
         _CudaToCpuMode().__enter__()  # stays active for the life of the process
         _INSTALLED = True
         return True

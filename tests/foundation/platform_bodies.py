@@ -41,3 +41,22 @@ def rng_tracker() -> dict:
     return {"restored": restored, "a_equals_b": bool(torch.equal(a, b)),
             "a_equals_c": bool(torch.equal(a, c)),
             "default_differs": not torch.equal(a, torch.rand(5))}
+
+
+def backward_allocation() -> list:
+    """Allocations megatron makes inside autograd's backward (sequence parallelism) land on CPU."""
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            buffer = torch.empty(grad.shape, device=torch.cuda.current_device())
+            buffer.copy_(grad * 2)
+            return buffer
+
+    x = torch.ones(3, requires_grad=True)
+    Double.apply(x).sum().backward()
+    return x.grad.tolist()

@@ -26,3 +26,8 @@ def test_no_op_when_cuda_present(monkeypatch):
         assert platform.setup_platform() is False
         assert platform.cpu_mode() is False
         assert torch.zeros(1, device="meta").device.type == "meta"
+
+
+def test_allocation_inside_backward():
+    (grad,) = run_multiproc("tests.foundation.platform_bodies:backward_allocation", nproc=1)
+    assert grad == [2.0, 2.0, 2.0]

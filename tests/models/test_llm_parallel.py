@@ -31,17 +31,10 @@ def _compare(res, ref):
     assert abs(res["total_grad_norm"] - ref["total_grad_norm"]) <= TOL * ref["total_grad_norm"]
 
 
-SP_BLOCKED = pytest.mark.xfail(
-    raises=MultiprocFailure, strict=False,
-    reason="platform: megatron's sequence-parallel linear backward allocates with "
-           "device=torch.cuda.current_device(); the CPU TorchFunctionMode is not active inside "
-           "autograd backward, so that fails on CPU (reported to the platform owner)")
-
-
 @pytest.mark.parametrize("layout", [
     {"tp": 2},
     {"pp": 2},
-    pytest.param({"tp": 2, "sp": True}, marks=[pytest.mark.slow, SP_BLOCKED]),
+    {"tp": 2, "sp": True},
 ], ids=["tp2", "pp2", "tp2_sequence_parallel"])
 def test_layout_matches_single_process(reference, layout):
     ref, ckpt = reference

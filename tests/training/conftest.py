@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def demo_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "demo_data"
     subprocess.run([sys.executable, "-m", "data_prep.make_demo_data", "--out", str(out),
-                    "--scale", "0.05", "--tasks", "ocr", "chart", "text", "code"],
+                    "--scale", "0.05"],
                    cwd=REPO, check=True, capture_output=True)
     return out
 

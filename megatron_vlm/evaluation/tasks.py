@@ -1,0 +1,376 @@
+"""Held-out tasks of the demo corpus, evaluated by greedy generation, and their scores.
+
+    samples = load_task_samples("ocr", data_root, encoder, tile_size=64, limit=20)
+    scores, details = evaluate_tasks(model, tokenizer, ["ocr", "code"], data_root,
+                                     tile_size=64, tokens_per_tile=4, limit=20)
+    scores  # {"ocr_acc": 0.45, "code_line_acc": 0.1, "code_ppl": 12.3}
+
+Where the samples come from (``data_root`` is the demo directory, the parent of ``shards/``):
+
+- chat tasks (ocr, chart, table, multi_image, video, text, needle): the eval *shards*
+  ``shards/<task>/eval`` read with the data package's shard reader and sample decoder, so the
+  tiles are byte-for-byte the training tiles, normalised by the same function; the prompt is
+  ``PromptEncoder.generation_prompt`` (conversation up to the user turn + assistant header + think
+  opener). The reference answer is the record's ``answer`` in ``raw/<task>/eval.jsonl`` (joined
+  by sample id), else the sample's last assistant turn. Without shards, the raw records are
+  tiled with the shard builder's own code (``data_prep.records.build_sample``) and the tiling of
+  ``datasets.json``.
+- code: ``raw/code/eval.jsonl`` (the shards hold the whole chunk but not the split point). The
+  prompt is the record's ``prefix`` as a plain document (no chat template, as the code was
+  trained); its trailing whitespace is left for the model to generate, so the prompt ends at a
+  token boundary that training saw too. The predicted line is the text after that whitespace up
+  to the next newline. ``code_ppl`` is the perplexity of the whole held-out chunks, tokenized as
+  training tokenizes a text document (all tokens + eos are targets).
+
+Scores (samples are the first ``limit`` of each eval set, in file order):
+
+=============  ===================  =====================================================
+task           key(s)               correct when
+=============  ===================  =====================================================
+ocr, chart,    ``<task>_acc``       prediction == answer after collapsing whitespace and
+table,                              lower-casing (``normalize``)
+multi_image,
+video, text
+needle         ``needle_acc``       the normalised answer occurs in the normalised prediction
+code           ``code_line_acc``    predicted line == reference line, trailing whitespace
+                                    ignored (indentation counts)
+code           ``code_ppl``         exp(mean NLL per token) over the chunks (lower is better)
+=============  ===================  =====================================================
+
+Generation budget: a sample may generate the tokens of its reference target (think block,
+answer, end of turn; or the rest of the code line) plus ``slack`` tokens, capped at
+``max_new_tokens``; samples whose reference needs more than ``max_new_tokens`` (reasoning traces,
+long code lines) get the reference length + slack. A longer output could not be an exact match,
+so the cap changes no exact-match score and keeps untrained stages (which rarely stop) fast.
+Chat generation stops at the end-of-turn token (eos) or at a turn marker; code generation at
+eos or once the line is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from megatron_vlm.data.prompt import PromptEncoder
+from megatron_vlm.data.tokenizer import SYSTEM_MARKER, THINK_END, TURN_MARKER
+
+CHAT_TASKS = ("ocr", "chart", "table", "multi_image", "video", "text", "needle")
+CODE_TASK = "code"
+KNOWN_TASKS = CHAT_TASKS + (CODE_TASK,)
+
+# task -> score keys it produces (in this order)
+SCORE_KEYS = {**{t: (f"{t}_acc",) for t in CHAT_TASKS}, CODE_TASK: ("code_line_acc", "code_ppl")}
+
+
+class EvalDataError(ValueError):
+    """The eval data of a task is missing or does not match the model's inputs."""
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+def normalize(text: str) -> str:
+    """Whitespace runs -> one space, trimmed, lower-cased."""
+    return " ".join(text.split()).lower()
+
+
+def exact_match(prediction: Optional[str], answer: str) -> bool:
+    return prediction is not None and normalize(prediction) == normalize(answer)
+
+
+def contains_answer(prediction: Optional[str], answer: str) -> bool:
+    return prediction is not None and bool(normalize(answer)) and normalize(answer) in normalize(prediction)
+
+
+def code_line_match(prediction: Optional[str], answer: str) -> bool:
+    """Next-line exact match: indentation counts, trailing whitespace does not."""
+    return prediction is not None and prediction.rstrip() == answer.rstrip()
+
+
+def chat_answer_text(generated: str) -> str:
+    """The answer part of a generated assistant turn: after the last ``</think>``, trimmed."""
+    if THINK_END in generated:
+        generated = generated.rsplit(THINK_END, 1)[1]
+    return generated.strip()
+
+
+def code_line_from_continuation(continuation: str, tail: str) -> Optional[str]:
+    """The predicted next line: the continuation must first give back the prompt's stripped
+    trailing whitespace ``tail`` (e.g. the newline); then everything up to the next newline.
+    None when it does not start with ``tail`` (the model continued the previous line)."""
+    if not continuation.startswith(tail):
+        return None
+    return continuation[len(tail):].split("\n", 1)[0]
+
+
+SCORERS: dict = {"exact": exact_match, "contains": contains_answer, "code_line": code_line_match}
+TASK_SCORER = {**{t: "exact" for t in CHAT_TASKS}, "needle": "contains", CODE_TASK: "code_line"}
+
+
+def accuracy(flags: list) -> float:
+    return float(sum(bool(f) for f in flags)) / len(flags) if flags else 0.0
+
+
+# ---- samples ------------------------------------------------------------------------------------
+@dataclass
+class EvalSample:
+    task: str
+    id: str
+    prompt_ids: list
+    answer: str
+    ref_tokens: int                     # tokens a correct generation needs (incl. the stop token)
+    tiles: Optional[np.ndarray] = None  # uint8 [N, T, T, 3] in <image> token order, or None
+    tail: str = ""                      # code: the prompt's stripped trailing whitespace
+    prompt_text: str = ""               # code: the prompt as text
+    document: Optional[list] = None     # code: the whole chunk as training tokenizes it (+ eos)
+
+
+def find_data_root(recipe) -> Path:
+    """The demo data directory of a recipe: the folder holding ``shards/`` of its data paths,
+    else the tokenizer's parent folder."""
+    for source in list(recipe.data.eval) + list(recipe.data.blend):
+        parts = Path(source.path.split("::")[0]).parts
+        if "shards" in parts:
+            return Path(*parts[: parts.index("shards")]) if parts.index("shards") else Path(".")
+    return Path(recipe.data.tokenizer).parent
+
+
+def _read_jsonl(path: Path) -> list:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _raw_answers(data_root: Path, task: str) -> dict:
+    path = data_root / "raw" / task / "eval.jsonl"
+    if not path.is_file():
+        return {}
+    return {str(r.get("id")): r["answer"] for r in _read_jsonl(path) if "answer" in r}
+
+
+def _last_assistant(conversation: list) -> Optional[str]:
+    for turn in reversed(conversation):
+        if turn["role"] == "assistant":
+            return turn["content"]
+    return None
+
+
+def _chat_sample(task: str, sample_id: str, meta: dict, tiles: np.ndarray, answer: Optional[str],
+                 encoder: PromptEncoder) -> EvalSample:
+    conversation, media = meta["conversation"], meta.get("media", [])
+    prompt = encoder.generation_prompt(conversation, media)
+    if answer is None:
+        answer = _last_assistant(conversation)
+    if answer is None:
+        raise EvalDataError(f"{task} sample {sample_id}: no reference answer")
+    # What a correct generation produces: the training target of the reference turn.
+    turns = list(conversation)
+    if not turns or turns[-1]["role"] != "assistant":
+        turns.append({"role": "assistant", "content": answer})
+    full = encoder.encode_chat(turns, media).tokens.tolist()
+    ref = len(full) - len(prompt) - 1  # the full sample also ends with a newline after eos
+    if ref < 1 or full[: len(prompt)] != prompt:
+        ref = len(encoder.encode_plain(answer)) + 2
+    return EvalSample(task, sample_id, prompt, answer, ref, tiles if len(tiles) else None)
+
+
+def _chat_from_shards(task: str, shard_dir: Path, encoder: PromptEncoder, tile_size: int,
+                      limit: Optional[int], answers: dict) -> list:
+    from megatron_vlm.data.loader import resolve_shards
+    from megatron_vlm.data.sample_decoder import SampleError, decode_sample
+    from megatron_vlm.data.shard_reader import read_shard
+
+    urls, manifest = resolve_shards(str(shard_dir))
+    if manifest is not None and manifest["tiling"]["tile_size"] != tile_size:
+        raise EvalDataError(f"{shard_dir}: shards hold {manifest['tiling']['tile_size']} px tiles, "
+                            f"the recipe's data.tile_size is {tile_size}")
+    samples = []
+    for url in urls:
+        for raw in read_shard(url):
+            if limit is not None and len(samples) >= limit:
+                return samples
+            if raw.error is not None:
+                continue  # damaged data: the training loader skips it too
+            try:
+                decoded = decode_sample(raw, tile_size)
+            except SampleError as exc:
+                if exc.kind == "schema_error" and "px" in exc.reason:
+                    raise EvalDataError(f"{shard_dir}: {exc}") from None
+                continue
+            if decoded.meta["kind"] != "chat":
+                continue
+            sample_id = str(decoded.meta.get("id", raw.key))
+            samples.append(_chat_sample(task, sample_id, decoded.meta, decoded.tiles,
+                                        answers.get(sample_id), encoder))
+    return samples
+
+
+def _chat_from_raw(task: str, data_root: Path, encoder: PromptEncoder, tile_size: int,
+                   limit: Optional[int]) -> list:
+    """No shards: tile the raw records with the shard builder's code and the demo's tiling."""
+    from data_prep.records import BuildOptions, RecordError, build_sample
+    from megatron_vlm.data.image import decode_tile
+    from megatron_vlm.data.schema import media_tile_names
+    from megatron_vlm.data.tiling import TilingConfig
+
+    path = data_root / "raw" / task / "eval.jsonl"
+    info_path = data_root / "datasets.json"
+    tiling = None
+    if info_path.is_file():
+        tiling = TilingConfig.from_dict(json.loads(info_path.read_text())["tiling"])
+    samples = []
+    for line, record in enumerate(_read_jsonl(path), start=1):
+        if limit is not None and len(samples) >= limit:
+            break
+        if tiling is None and (record.get("images") or record.get("videos")):
+            raise EvalDataError(f"{path}: image records need {info_path} (its tiling) or shards")
+        options = BuildOptions(tiling=tiling or TilingConfig(tile_size), source_name=path.name)
+        try:
+            meta, members = build_sample(record, line, str(path.parent), options)
+        except RecordError:
+            continue
+        if meta["kind"] != "chat":
+            continue
+        if meta.get("media") and meta["tile_size"] != tile_size:
+            raise EvalDataError(f"{info_path}: tiles of {meta['tile_size']} px, the recipe's "
+                                f"data.tile_size is {tile_size}")
+        data = dict(members)
+        tiles = [decode_tile(data[name], tile_size) for item in meta.get("media", [])
+                 for name in media_tile_names(item)]
+        array = np.stack(tiles) if tiles else np.zeros((0, tile_size, tile_size, 3), np.uint8)
+        samples.append(_chat_sample(task, str(meta["id"]), meta, array, record.get("answer"), encoder))
+    return samples
+
+
+def _code_samples(data_root: Path, encoder: PromptEncoder, limit: Optional[int]) -> list:
+    path = data_root / "raw" / CODE_TASK / "eval.jsonl"
+    if not path.is_file():
+        raise EvalDataError(f"code evaluation needs {path} (records with 'prefix' and 'answer')")
+    samples = []
+    for record in _read_jsonl(path):
+        if limit is not None and len(samples) >= limit:
+            break
+        if "prefix" not in record or "answer" not in record:
+            continue
+        prefix, answer = record["prefix"], record["answer"]
+        prompt_text = prefix.rstrip()
+        tail = prefix[len(prompt_text):]
+        prompt = encoder.encode_plain(prompt_text)
+        target = encoder.encode_plain(prompt_text + tail + answer + "\n")
+        ref = max(1, len(target) - len(prompt))
+        document = encoder.encode_text(record["text"]).tokens.tolist() if record.get("text") else None
+        samples.append(EvalSample(CODE_TASK, str(record.get("id")), prompt, answer, ref, tail=tail,
+                                  prompt_text=prompt_text, document=document))
+    return samples
+
+
+def load_task_samples(task: str, data_root, encoder: PromptEncoder, tile_size: int,
+                      limit: Optional[int] = 20) -> list:
+    """The first ``limit`` eval samples of ``task`` (see the module docstring for the sources)."""
+    if task not in KNOWN_TASKS:
+        raise EvalDataError(f"unknown eval task {task!r}; known: {', '.join(KNOWN_TASKS)}")
+    data_root = Path(data_root)
+    if task == CODE_TASK:
+        samples = _code_samples(data_root, encoder, limit)
+    else:
+        shard_dir = data_root / "shards" / task / "eval"
+        if shard_dir.is_dir():
+            samples = _chat_from_shards(task, shard_dir, encoder, tile_size, limit,
+                                        _raw_answers(data_root, task))
+        elif (data_root / "raw" / task / "eval.jsonl").is_file():
+            samples = _chat_from_raw(task, data_root, encoder, tile_size, limit)
+        else:
+            raise EvalDataError(f"no eval data for task {task!r}: neither {shard_dir} nor "
+                                f"{data_root / 'raw' / task / 'eval.jsonl'} exists")
+    if not samples:
+        raise EvalDataError(f"task {task!r}: no usable eval sample under {data_root}")
+    return samples
+
+
+# ---- running ------------------------------------------------------------------------------------
+def generation_budget(sample: EvalSample, max_new_tokens: int, slack: int) -> int:
+    """Reference length + slack, capped at max_new_tokens unless the reference needs more."""
+    need = max(1, sample.ref_tokens + slack)
+    return need if sample.ref_tokens > max_new_tokens else min(need, max_new_tokens)
+
+
+@dataclass
+class TaskResult:
+    task: str
+    scores: dict
+    seconds: float
+    num_samples: int
+    predictions: list = field(default_factory=list)
+
+
+def run_task(model, tokenizer, samples: list, max_new_tokens: int = 32, slack: int = 4,
+             vocab_limit: Optional[int] = None) -> TaskResult:
+    """Generate for every sample of one task and score them."""
+    from megatron_vlm.evaluation.generate import greedy_generate, sequence_nll
+
+    start = time.perf_counter()
+    task = samples[0].task
+    vocab_limit = vocab_limit if vocab_limit is not None else tokenizer.vocab_size
+    scorer = SCORERS[TASK_SCORER[task]]
+    stop_ids = {tokenizer.eos_id}
+    if task != CODE_TASK:  # a new turn also ends the answer
+        for marker in (SYSTEM_MARKER, TURN_MARKER):
+            try:
+                stop_ids.add(tokenizer.token_id(marker))
+            except KeyError:
+                pass
+    flags, predictions = [], []
+    nll_sum, nll_count = 0.0, 0
+    for sample in samples:
+        stop_fn = None
+        if task == CODE_TASK:
+            prompt_text = tokenizer.decode(sample.prompt_ids)
+
+            def stop_fn(tokens, sample=sample, prompt_text=prompt_text):
+                cont = tokenizer.decode(sample.prompt_ids + tokens)[len(prompt_text):]
+                if not (cont.startswith(sample.tail) or sample.tail.startswith(cont)):
+                    return True  # it cannot give the line any more
+                return "\n" in cont[len(sample.tail):]
+
+        gen = greedy_generate(model, sample.prompt_ids, tiles=sample.tiles,
+                              max_new_tokens=generation_budget(sample, max_new_tokens, slack),
+                              stop_ids=stop_ids, vocab_limit=vocab_limit, stop_fn=stop_fn)
+        if task == CODE_TASK:
+            prompt_text = tokenizer.decode(sample.prompt_ids)
+            cont = tokenizer.decode(sample.prompt_ids + gen.tokens)[len(prompt_text):]
+            prediction = code_line_from_continuation(cont, sample.tail)
+            if sample.document is not None:
+                nll, count = sequence_nll(model, sample.document, vocab_limit=vocab_limit)
+                nll_sum, nll_count = nll_sum + nll, nll_count + count
+        else:
+            prediction = chat_answer_text(tokenizer.decode(gen.tokens))
+        correct = scorer(prediction, sample.answer)
+        flags.append(correct)
+        predictions.append({"id": sample.id, "answer": sample.answer, "prediction": prediction,
+                            "correct": bool(correct), "stop": gen.stop_reason,
+                            "new_tokens": len(gen.tokens)})
+    keys = SCORE_KEYS[task]
+    scores = {keys[0]: accuracy(flags)}
+    if task == CODE_TASK and nll_count:
+        scores["code_ppl"] = math.exp(min(nll_sum / nll_count, 700.0))
+    return TaskResult(task, scores, time.perf_counter() - start, len(samples), predictions)
+
+
+def evaluate_tasks(model, tokenizer, tasks: list, data_root, tile_size: int, tokens_per_tile: int,
+                   limit: Optional[int] = 20, max_new_tokens: int = 32, slack: int = 4,
+                   log: Optional[Callable[[str], None]] = None) -> tuple:
+    """Scores of every task (one flat dict) and the per-task results (timings, predictions)."""
+    encoder = PromptEncoder(tokenizer, tokens_per_tile)
+    scores, results = {}, []
+    for task in tasks:
+        samples = load_task_samples(task, data_root, encoder, tile_size, limit)
+        result = run_task(model, tokenizer, samples, max_new_tokens=max_new_tokens, slack=slack)
+        scores.update(result.scores)
+        results.append(result)
+        if log is not None:
+            text = " ".join(f"{k}={v:.4g}" for k, v in result.scores.items())
+            log(f"{task}: {text} ({result.num_samples} samples, {result.seconds:.1f}s)")
+    return scores, results
