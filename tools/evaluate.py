@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                          "directory; default: the recipe's checkpoint.dir")
     ap.add_argument("--tasks", nargs="+", default=None,
                     help="tasks to run (default: the recipe's eval.tasks)")
-    ap.add_argument("--limit", type=int, default=20, help="samples per task (default 20)")
+    ap.add_argument("--limit", type=int, default=20,
+                    help="samples per task, the first ones of each eval set (default 20; 0: all)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="generation cap (default: the recipe's eval.max_new_tokens)")
     ap.add_argument("--slack", type=int, default=4,
@@ -86,9 +87,10 @@ def main(argv=None) -> int:
         print(f"recipe error: {e}", file=sys.stderr)
         return 2
     tasks = args.tasks if args.tasks is not None else list(recipe.eval.tasks)
-    if args.limit is not None and args.limit < 1:
-        print("--limit must be >= 1", file=sys.stderr)
+    if args.limit < 0:
+        print("--limit must be >= 0", file=sys.stderr)
         return 2
+    limit = args.limit or None
     max_new = args.max_new_tokens if args.max_new_tokens is not None else recipe.eval.max_new_tokens
     data_root = Path(args.data_root) if args.data_root else find_data_root(recipe)
     ckpt_root = Path(args.checkpoint or recipe.checkpoint.dir)
@@ -110,8 +112,10 @@ def main(argv=None) -> int:
             print(f"no complete checkpoint under {ckpt_root}", file=sys.stderr)
             return 2
         setup_platform()
-        if cpu_mode() and recipe.train.precision != "fp32":
-            recipe.train.precision = "fp32"  # CPU evaluates in fp32 (as it trains)
+        if cpu_mode():
+            recipe.train.precision = "fp32"  # CPU evaluates in fp32 (loads bf16 weights too)
+        elif recipe.train.precision == "fp8":
+            recipe.train.precision = "bf16"  # fp8 GEMMs want lengths in multiples of 16
         start = time.perf_counter()
         initialize_distributed(seed=recipe.train.seed)
         try:
@@ -127,11 +131,11 @@ def main(argv=None) -> int:
             per_tile = tokens_per_tile(vision["tile_size"], vision["patch_size"],
                                        vision["pixel_shuffle_ratio"])
             print(f"{recipe.name}: evaluating {ckpt or 'random init'} on {', '.join(tasks)} "
-                  f"({args.limit} samples per task, data {data_root})", flush=True)
+                  f"({limit or 'all'} samples per task, data {data_root})", flush=True)
             try:
                 scores, results = evaluate_tasks(
                     model, tokenizer, tasks, data_root, tile_size=vision["tile_size"],
-                    tokens_per_tile=per_tile, limit=args.limit, max_new_tokens=max_new,
+                    tokens_per_tile=per_tile, limit=limit, max_new_tokens=max_new,
                     slack=args.slack, log=lambda m: print(m, flush=True))
             except EvalDataError as e:
                 print(f"eval data error: {e}", file=sys.stderr)
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
         print(f"{recipe.name}: evaluation took {time.perf_counter() - start:.1f}s")
         if args.details:
             details = {"recipe": recipe.name, "checkpoint": str(ckpt) if ckpt else None,
-                       "limit": args.limit, "max_new_tokens": max_new, "slack": args.slack,
+                       "limit": limit, "max_new_tokens": max_new, "slack": args.slack,
                        "tasks": {r.task: {"scores": r.scores, "seconds": round(r.seconds, 3),
                                           "num_samples": r.num_samples,
                                           "predictions": r.predictions} for r in results}}

@@ -160,6 +160,7 @@ class NemotronVLModel(MegatronModule):
     def image_embeddings(self, tiles: torch.Tensor) -> torch.Tensor:
         """Tiles [N, 3, T, T] -> one LLM embedding per image token, [N * tokens_per_tile, h]."""
         grid = self.vision_model.grid_dims(tiles.shape[-2], tiles.shape[-1])
+        tiles = tiles.to(self.vision_model.config.params_dtype)  # data is fp32; the tower may be bf16
         vision_frozen = _is_frozen(self.vision_model)
         with _grad_context(vision_frozen):
             features = self.vision_model(tiles)

@@ -18,9 +18,9 @@ def build_model_chunks(recipe):
     if recipe.parallel.vpp:
         raise RecipeError(f"{recipe.source}: parallel.vpp: virtual pipeline stages are not "
                           "supported by the VLM builder yet")
-    if recipe.train.precision != "fp32" and cpu_mode():
-        raise RecipeError(f"{recipe.source}: train.precision: {recipe.train.precision} needs a "
-                          "GPU; CPU runs train in fp32")
+    if recipe.train.precision == "fp8" and cpu_mode():
+        raise RecipeError(f"{recipe.source}: train.precision: fp8 needs a GPU with "
+                          "TransformerEngine; CPU runs train in fp32 or bf16")
     tokenizer = load_tokenizer(recipe)
     cfg = load_vlm_config(recipe.model.config)
     llm_vocab = cfg["language_model"]["vocab_size"]
@@ -40,6 +40,12 @@ def build_model_chunks(recipe):
         raise RecipeError(
             f"{recipe.source}: model.freeze={recipe.model.freeze} leaves pipeline stage "
             "without trainable parameters; use fewer pipeline stages for this stage")
+    if recipe.train.precision != "fp32":
+        from megatron.core.transformer.module import Float16Module
+
+        # megatron's mixed-precision wrapper: bf16 compute, fp32 loss; the optimizer keeps fp32
+        # main weights.
+        model = Float16Module(model.language_model.config, model)
     model_cfg = {"vision": {"tile_size": recipe.data.tile_size,
                             "patch_size": cfg["vision_model"]["patch_size"],
                             "pixel_shuffle_ratio": cfg["downsample_ratio"]},

@@ -51,7 +51,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert res["latest_after_retry"] == "step_0000002"
 
 
-def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss(workdir):
+def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss_and_in_bf16(workdir):
     launch_train(workdir, "base", "train.steps=2", "schedule.warmup_steps=0", "parallel.tp=2",
                  "train.global_batch_size=2", "checkpoint.dir=runs/tp2", *TEXT_DATA)
     kwargs = dict(workdir=str(workdir), checkpoint=str(workdir / "runs/tp2"), overrides=TEXT_DATA)
@@ -61,6 +61,11 @@ def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss(workdir):
     assert tp2[0] == tp2[1]
     assert abs(tp1 - tp2[0]) <= 1e-5, (tp1, tp2)
     assert 1.0 < tp1 < 20.0
+    # The same fp32 weights in megatron's bf16 mixed precision: close, but really bf16.
+    kwargs["overrides"] = TEXT_DATA + ["train.precision=bf16"]
+    (bf16,) = run_multiproc("tests.training.train_bodies:checkpoint_eval_loss", nproc=1, tp=1,
+                            **kwargs)
+    assert 1e-6 < abs(bf16 - tp1) <= 2e-2 * tp1, (bf16, tp1)
 
 
 def test_stage0_changes_only_the_connector(workdir):
@@ -75,3 +80,30 @@ def test_stage0_changes_only_the_connector(workdir):
                                after=str(workdir / "runs/stage0"), overrides=images)
     assert changed["vision"] == 0.0 and changed["llm"] == 0.0, changed
     assert changed["connector"] > 1e-4, changed
+
+
+def test_wall_time_limit_saves_and_exits_cleanly(workdir):
+    proc = launch_train(workdir, "base", "train.steps=50", "schedule.warmup_steps=0",
+                        "train.max_wall_minutes=0.0001", "checkpoint.dir=runs/walltime",
+                        *TEXT_DATA)
+    assert "wall-time limit: saved checkpoint at step 1, exiting cleanly" in proc.stdout
+    assert (workdir / "runs/walltime/latest").read_text().strip() == "step_0000001"
+    assert not (workdir / "runs/walltime/summary.json").exists()  # the stage is not finished
+
+
+def test_sigterm_saves_and_exits_cleanly(workdir):
+    proc = launch_train(workdir, "base", "train.steps=200", "schedule.warmup_steps=0",
+                        "checkpoint.dir=runs/sigterm", *TEXT_DATA, popen=True)
+    log = workdir / "runs/sigterm/train_log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    # Slurm signals every task; torchrun's workers are the launcher's children.
+    for worker in psutil.Process(proc.pid).children(recursive=True):
+        worker.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    saved = int((workdir / "runs/sigterm/latest").read_text().strip().split("_")[1])
+    assert f"SIGTERM: saved checkpoint at step {saved}, exiting cleanly" in out
+    assert 2 <= saved < 200
