@@ -7,7 +7,9 @@ with ``_`` are shared bases, not stages. Each stage's ``checkpoint.dir`` becomes
 ``WORKDIR/<stage>`` and its ``checkpoint.init_from`` is re-pointed into WORKDIR by the name of the
 stage it names. A stage whose ``summary.json`` exists is skipped, so re-running after an
 interruption continues (an interrupted stage resumes from its own latest checkpoint). Ends with a
-table: stage, steps, train/eval loss, eval task scores.
+table: stage, steps, train/eval loss, and task scores by generation on held-out data
+(``tools/evaluate.py``, the recipe's ``eval.tasks``), the same tasks at every stage so the table
+shows how each ability moves from stage to stage.
 """
 
 from __future__ import annotations
@@ -41,8 +43,28 @@ def stage_overrides(recipe_file: Path, workdir: Path) -> list[str]:
 def run_stage(recipe_file: Path, workdir: Path, nproc: int, extra: list[str]) -> dict:
     summary = workdir / recipe_file.stem / "summary.json"
     if summary.is_file():
-        print(f"== {recipe_file.stem}: already finished, skipping", flush=True)
-        return json.loads(summary.read_text())
+        print(f"== {recipe_file.stem}: already trained, skipping", flush=True)
+    else:
+        train_stage(recipe_file, workdir, nproc, extra, summary)
+    scores = workdir / recipe_file.stem / "scores.json"
+    if not scores.is_file():
+        evaluate_stage(recipe_file, workdir, extra, scores)
+    return {**json.loads(summary.read_text()), **json.loads(scores.read_text())}
+
+
+def evaluate_stage(recipe_file: Path, workdir: Path, extra: list[str], scores: Path) -> None:
+    """Task scores by generation on held-out data (single process, any training layout)."""
+    print(f"== {recipe_file.stem}: evaluating tasks", flush=True)
+    cmd = [sys.executable, "-m", "tools.evaluate", "--recipe", str(recipe_file),
+           "--checkpoint", str(workdir / recipe_file.stem), "--out", str(scores),
+           *stage_overrides(recipe_file, workdir), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if proc.returncode != 0:
+        raise SystemExit(f"evaluation of {recipe_file.stem} failed (exit {proc.returncode})")
+
+
+def train_stage(recipe_file: Path, workdir: Path, nproc: int, extra: list[str],
+                summary: Path) -> None:
     print(f"== {recipe_file.stem}: training ({recipe_file})", flush=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_port", str(_free_port()), "-m", "megatron_vlm.train",
@@ -53,7 +75,6 @@ def run_stage(recipe_file: Path, workdir: Path, nproc: int, extra: list[str]) ->
     if proc.returncode != 0 or not summary.is_file():
         raise SystemExit(f"stage {recipe_file.stem} failed (exit {proc.returncode}); fix and re-run "
                          "the same command to continue from its last checkpoint")
-    return json.loads(summary.read_text())
 
 
 def _free_port() -> int:
@@ -65,9 +86,11 @@ def _free_port() -> int:
 
 
 def format_table(summaries: list[dict]) -> str:
+    # Per-dataset eval losses stay in summary.json and TensorBoard; the table shows each stage's
+    # own eval loss and the task scores, which are measured on the same tasks at every stage.
     task_keys = sorted({k for s in summaries for k in s
-                        if k not in ("stage", "steps", "train_loss", "train_loss_first",
-                                     "eval_loss", "eval_loss_first", "stopped")})
+                        if not k.startswith("eval_loss") and k not in
+                        ("stage", "steps", "train_loss", "train_loss_first", "stopped")})
     head = ["stage", "steps", "train loss", "eval loss (start -> end)"] + task_keys
     rows = []
     for s in summaries:
