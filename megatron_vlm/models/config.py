@@ -3,10 +3,13 @@
 The YAML is a flat dict of architecture fields (see recipes/models/nemotron_h_12b.yaml); the
 keys mirror Megatron-LM's argument names. Parallel sizes and runtime switches (dtype overrides,
 sequence parallelism, init on CPU/meta) are not architecture and come as arguments.
+
+The loading (``load_config_dict``) and the TransformerConfig arguments common to every part
+(``base_config_kwargs``) also serve the vision tower (``models/vision/config.py``) and the VLM.
 """
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import yaml
@@ -37,8 +40,22 @@ _DEFAULTS = dict(
     params_dtype="float32",
 )
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+# TransformerConfig fields that every part (LLM, vision tower) reads from its YAML by the same name.
+_SHARED_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "layernorm_epsilon",
+                  "hidden_dropout", "attention_dropout", "init_method_std")
+
+# Fusions need CUDA/Apex/torch.compile; they do not change the math.
+_FUSIONS_OFF = dict(
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    persist_layer_norm=False,
+    gradient_accumulation_fusion=False,
+    apply_rope_fusion=False,
+)
 
 
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
@@ -47,10 +64,15 @@ def squared_relu(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.relu(x).square()
 
 
-def load_model_config(name_or_path: Union[str, Path, dict]) -> dict:
-    """Model config dict from a YAML path, a recipe name (``nemotron_h_tiny``) or a dict.
+def to_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
+    return DTYPES[value] if isinstance(value, str) else value
 
-    Missing optional keys get their defaults; required keys are checked.
+
+def load_config_dict(name_or_path: Union[str, Path, dict], required: Sequence[str],
+                     defaults: Mapping, what: str) -> dict:
+    """Config dict from a recipe name (a YAML in ``recipes/models``), a YAML path or a dict (copied).
+
+    Raises naming ``what`` when a ``required`` key is missing; missing ``defaults`` keys are filled.
     """
     if isinstance(name_or_path, dict):
         cfg = dict(name_or_path)
@@ -60,11 +82,25 @@ def load_model_config(name_or_path: Union[str, Path, dict]) -> dict:
             path = RECIPES_DIR / f"{name_or_path}.yaml"
         with open(path) as f:
             cfg = yaml.safe_load(f)
-    missing = [k for k in _REQUIRED if k not in cfg]
+    missing = [k for k in required if k not in cfg]
     if missing:
-        raise ValueError(f"model config lacks {missing}")
-    for k, v in _DEFAULTS.items():
-        cfg.setdefault(k, v)
+        raise ValueError(f"{what} config lacks {missing}")
+    for key, value in defaults.items():
+        cfg.setdefault(key, value)
+    return cfg
+
+
+def config_fields(cfg: dict, *names: str) -> dict:
+    """``{name: cfg[name]}``: YAML fields passed on under their own names."""
+    return {name: cfg[name] for name in names}
+
+
+def load_model_config(name_or_path: Union[str, Path, dict]) -> dict:
+    """Model config dict from a YAML path, a recipe name (``nemotron_h_tiny``) or a dict.
+
+    Missing optional keys get their defaults; required keys are checked.
+    """
+    cfg = load_config_dict(name_or_path, _REQUIRED, _DEFAULTS, "model")
     if cfg["position_embedding_type"] != "none":
         raise ValueError("Nemotron-H uses no positional embedding (position_embedding_type: none)")
     return cfg
@@ -91,6 +127,27 @@ def _parallel_sizes(tp: Optional[int], pp: Optional[int]):
     return tp or 1, pp or 1
 
 
+def base_config_kwargs(cfg: dict, tp: Optional[int], pp: Optional[int],
+                       params_dtype: Optional[Union[str, torch.dtype]]) -> dict:
+    """TransformerConfig arguments common to the LLM and the vision tower.
+
+    The YAML fields named like TransformerConfig's, the dtype (``params_dtype``, else the YAML's),
+    the parallel sizes (None: megatron's parallel_state when initialised, else 1) and the
+    CUDA/Apex fusions off.
+    """
+    tp, pp = _parallel_sizes(tp, pp)
+    dtype = to_dtype(params_dtype if params_dtype is not None else cfg["params_dtype"])
+    return dict(
+        config_fields(cfg, *_SHARED_FIELDS),
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        **_FUSIONS_OFF,
+    )
+
+
 def make_transformer_config(
     model_cfg: dict,
     tp: Optional[int] = None,
@@ -105,44 +162,18 @@ def make_transformer_config(
     (e.g. sequence_parallel=True, use_cpu_initialization=True, perform_initialization=False).
     """
     cfg = load_model_config(model_cfg)
-    tp, pp = _parallel_sizes(tp, pp)
-    dtype = params_dtype if params_dtype is not None else cfg["params_dtype"]
-    dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-    kwargs = dict(
+    kwargs = base_config_kwargs(cfg, tp, pp, params_dtype)
+    kwargs.update(
+        config_fields(cfg, "num_query_groups", "kv_channels", "mamba_num_heads", "mamba_head_dim",
+                      "mamba_state_dim", "mamba_num_groups", "normalization"),
         num_layers=num_layers(cfg),
-        hidden_size=cfg["hidden_size"],
-        ffn_hidden_size=cfg["ffn_hidden_size"],
-        num_attention_heads=cfg["num_attention_heads"],
-        num_query_groups=cfg["num_query_groups"],
-        kv_channels=cfg["kv_channels"],
         is_hybrid_model=True,
-        mamba_num_heads=cfg["mamba_num_heads"],
-        mamba_head_dim=cfg["mamba_head_dim"],
-        mamba_state_dim=cfg["mamba_state_dim"],
-        mamba_num_groups=cfg["mamba_num_groups"],
-        normalization=cfg["normalization"],
-        layernorm_epsilon=cfg["layernorm_epsilon"],
+        pipeline_dtype=kwargs["params_dtype"],
         # Squared-ReLU MLP without gating or biases anywhere.
         activation_func=squared_relu,
         gated_linear_unit=False,
         add_bias_linear=False,
         add_qkv_bias=False,
-        hidden_dropout=cfg["hidden_dropout"],
-        attention_dropout=cfg["attention_dropout"],
-        init_method_std=cfg["init_method_std"],
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        pipeline_dtype=dtype,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        # Fusions need CUDA/Apex/torch.compile; they do not change the math.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

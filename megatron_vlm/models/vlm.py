@@ -34,14 +34,13 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
-import yaml
 
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_vlm.models.config import RECIPES_DIR, load_model_config
+from megatron_vlm.models.config import load_config_dict, load_model_config
 from megatron_vlm.models.connector import VisionConnector, build_connector
 from megatron_vlm.models.llm import build_hybrid_llm
 from megatron_vlm.models.packing import make_packed_seq_params
@@ -64,19 +63,7 @@ def load_vlm_config(name_or_path: Union[str, Path, dict]) -> dict:
 
     Sub-configs may be recipe names, YAML paths or inline dicts.
     """
-    if isinstance(name_or_path, dict):
-        cfg = dict(name_or_path)
-    else:
-        path = Path(name_or_path)
-        if not path.suffix:
-            path = RECIPES_DIR / f"{name_or_path}.yaml"
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-    missing = [k for k in _VLM_REQUIRED if k not in cfg]
-    if missing:
-        raise ValueError(f"VLM config lacks {missing}")
-    for key, value in _VLM_DEFAULTS.items():
-        cfg.setdefault(key, value)
+    cfg = load_config_dict(name_or_path, _VLM_REQUIRED, _VLM_DEFAULTS, "VLM")
     cfg["language_model"] = load_model_config(cfg["language_model"])
     cfg["vision_model"] = load_radio_config(cfg["vision_model"])
     return cfg

@@ -97,3 +97,40 @@ def crash_during_save(root: str) -> dict:
     return {"crashed": crashed, "latest": latest.name, "note": meta.get("note"),
             "max_diff": diff, "entries_after_crash": leftovers,
             "latest_after_retry": ckpt.latest_checkpoint(root).name}
+
+
+def packed_vs_alone(workdir: str, overrides: list) -> dict:
+    """Per-sample loss of a packed loader batch vs each sample run alone (tiny VLM, fp32)."""
+    from megatron_vlm.distributed import initialize_distributed
+    from megatron_vlm.models.packing import make_packed_seq_params
+    from megatron_vlm.training.data_setup import build_train_loader
+    from megatron_vlm.training.model_setup import build_model_chunks
+
+    recipe = _recipe(workdir, "stage1", overrides + ["parallel.tp=1"])
+    initialize_distributed()
+    (model,), tokenizer, model_cfg = build_model_chunks(recipe)
+    model.eval()
+    loader = build_train_loader(recipe, tokenizer, model_cfg, 0, 1)
+    batch = next(b for b in loader if len(b["cu_seqlens"]) >= 4 and b["tiles"].shape[0] > 0)
+    per_tile = model.tokens_per_tile(batch["tiles"])
+    with torch.no_grad():
+        packed = model(batch["tokens"], tiles=batch["tiles"], labels=batch["labels"],
+                       packed_seq_params=make_packed_seq_params(batch["cu_seqlens"]))
+        bounds = batch["cu_seqlens"].tolist()
+        tile_cursor, diffs, samples, image_samples = 0, [], 0, 0
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            mask = batch["loss_mask"][0, start:end]
+            tokens = batch["tokens"][:, start:end]
+            n_tiles = int((tokens == tokenizer.image_id).sum()) // per_tile
+            tiles = batch["tiles"][tile_cursor:tile_cursor + n_tiles]
+            tile_cursor += n_tiles
+            if mask.sum() == 0:
+                continue  # trailing padding
+            alone = model(tokens, tiles=tiles, labels=batch["labels"][:, start:end])
+            loss_alone = (alone[0] * mask).sum() / mask.sum()
+            loss_packed = (packed[0, start:end] * mask).sum() / mask.sum()
+            diffs.append(abs(loss_alone - loss_packed).item())
+            samples += 1
+            image_samples += int(n_tiles > 0)
+    return {"max_diff": max(diffs), "samples": samples, "image_samples": image_samples,
+            "loss": loss_packed.item()}

@@ -27,6 +27,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_vlm.models.config import config_fields
 from megatron_vlm.models.vision import cpe
 from megatron_vlm.models.vision.config import load_radio_config, make_vision_transformer_config
 from megatron_vlm.models.vision.layers import param_device
@@ -138,10 +139,7 @@ def build_radio_tower(
     return RadioVisionTower(
         config=config,
         block_spec=get_vit_block_spec(cfg["num_layers"], impl),
-        patch_size=cfg["patch_size"],
-        max_img_size=cfg["max_img_size"],
-        class_token_len=cfg["class_token_len"],
-        num_channels=cfg["num_channels"],
-        cpe_train_crop=cfg["cpe_train_crop"],
+        **config_fields(cfg, "patch_size", "max_img_size", "class_token_len", "num_channels",
+                        "cpe_train_crop"),
         pg_collection=pg_collection,
     )
