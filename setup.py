@@ -18,6 +18,7 @@ RUNTIME = [
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
     "webdataset==1.0.2",
+    "braceexpand==0.1.7",  # shard URL patterns (also a webdataset dependency)
     "pyyaml==6.0.4",
     "tensorboard==2.21.0",
     "pillow==13.0.0",

@@ -70,7 +70,7 @@ def to_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
 
 def load_config_dict(name_or_path: Union[str, Path, dict], required: Sequence[str],
                      defaults: Mapping, what: str) -> dict:
-    """Config dict from a recipe name (a YAML in ``recipes/models``), a YAML path or a dict (copied).
+    """Config dict from a recipe name (YAML in ``recipes/models``), a YAML path or a dict (copied).
 
     Raises naming ``what`` when a ``required`` key is missing; missing ``defaults`` keys are filled.
     """

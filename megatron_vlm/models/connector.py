@@ -20,29 +20,16 @@ from typing import Optional
 import torch
 
 from megatron.core.activations import squared_relu
-from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_vlm.models.hybrid_specs import resolved_impl
-from megatron_vlm.models.norms import NormColumnParallelLinear
+from megatron_vlm.models.hybrid_specs import mlp_submodules, spec_modules
 from megatron_vlm.models.vision.pixel_shuffle import shuffle_tokens
 
 
 def connector_mlp_submodules(impl: str = "auto") -> MLPSubmodules:
-    impl = resolved_impl(impl)
-    if impl == "local":
-        return MLPSubmodules(linear_fc1=NormColumnParallelLinear, linear_fc2=RowParallelLinear)
-    if impl == "te":
-        from megatron.core.extensions.transformer_engine import (
-            TELayerNormColumnParallelLinear,
-            TERowParallelLinear,
-        )
-
-        return MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear,
-                             linear_fc2=TERowParallelLinear)
-    raise ValueError(f"unknown connector implementation {impl!r} (te, local or auto)")
+    return mlp_submodules(spec_modules(impl, "connector"))
 
 
 def make_connector_config(base: TransformerConfig, llm_hidden: int, projector_hidden: int,

@@ -1,12 +1,14 @@
-"""Core attention for the local hybrid spec: causal, GQA, packed-sequence aware, runs on CPU.
+"""Core attention for the local specs: causal or bidirectional, GQA, packed-sequence aware, CPU.
 
-megatron's local ``DotProductAttention`` rejects ``packed_seq_params`` (only TE handles packing),
-so the local spec uses this module instead. It is a drop-in ``core_attention`` of megatron's
-``SelfAttention`` (same constructor and forward signature) built on
-``torch.nn.functional.scaled_dot_product_attention``.
+megatron's local ``DotProductAttention`` rejects ``packed_seq_params`` (only TE handles packing)
+and depends on CUDA's global memory buffer, so the local specs use this module instead. It is a
+drop-in ``core_attention`` of megatron's ``SelfAttention`` (same constructor and forward
+signature) built on ``torch.nn.functional.scaled_dot_product_attention``. As with TE's
+``TEDotProductAttention``, the spec's ``attn_mask_type`` decides causality: causal for the hybrid
+LLM, ``no_mask`` (full attention over each tile) for the ViT.
 
-Packed sequences are attended one segment at a time (each a causal attention of its own), so
-nothing crosses a sample boundary and no [s, s] block-diagonal mask is materialised.
+Packed sequences are attended one segment at a time (each an attention of its own), so nothing
+crosses a sample boundary and no [s, s] block-diagonal mask is materialised.
 No positional embedding is applied here or anywhere in Nemotron-H (megatron
 ``position_embedding_type='none'``; ``transformers``' NemotronHAttention applies no rotary).
 """
@@ -36,8 +38,17 @@ def _segments(seq_idx: torch.Tensor):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+_CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
+_BIDIRECTIONAL = (AttnMaskType.no_mask, AttnMaskType.padding)
+
+
+def _both(a: Optional[Tensor], b: Tensor) -> Tensor:
+    return b if a is None else a & b
+
+
 class LocalCoreAttention(MegatronModule):
-    """Causal scaled-dot-product attention over [s, b, heads, dim] (or 'thd' [t, heads, dim])."""
+    """Scaled-dot-product attention over [s, b, heads, dim] (or 'thd' [t, heads, dim]); causal
+    unless ``attn_mask_type`` is ``no_mask`` / ``padding``."""
 
     def __init__(
         self,
@@ -53,20 +64,22 @@ class LocalCoreAttention(MegatronModule):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise NotImplementedError("LocalCoreAttention does not implement context parallelism")
-        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
-            raise NotImplementedError(f"LocalCoreAttention is causal only, got {attn_mask_type}")
+        if attn_mask_type not in _CAUSAL + _BIDIRECTIONAL:
+            raise NotImplementedError(
+                f"LocalCoreAttention is causal or unmasked, got {attn_mask_type}")
         if config.apply_query_key_layer_scaling:
             raise NotImplementedError("apply_query_key_layer_scaling is not supported")
         self.layer_number = layer_number
+        self.causal = attn_mask_type in _CAUSAL
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
 
-    def _sdpa(self, q, k, v, attn_mask=None, is_causal=True):
+    def _sdpa(self, q, k, v, attn_mask=None):
         # q [b, np, s, d], k/v [b, ng, s, d]; query head i uses kv head i // (np/ng), which is
         # megatron's interleaved-by-group qkv layout.
         p = self.dropout_p if self.training else 0.0
-        kwargs = dict(attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
+        kwargs = dict(attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
                       scale=self.softmax_scale, dropout_p=p,
                       enable_gqa=q.size(1) != k.size(1))
         if p > 0.0:
@@ -93,7 +106,7 @@ class LocalCoreAttention(MegatronModule):
 
         seq_idx = packed_seq_idx(packed_seq_params, bsz, sq)
         if seq_idx is not None and attention_mask is None:
-            # One causal attention per packed segment, on [1, heads, len, dim] slices of the
+            # One attention per packed segment, on [1, heads, len, dim] slices of the
             # batch-major token order.
             def flat(t):  # [s, b, h, d] -> [b*s, h, d]
                 return t.transpose(0, 1).reshape(bsz * sq, t.size(2), t.size(3))
@@ -111,15 +124,15 @@ class LocalCoreAttention(MegatronModule):
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
-        mask = None
-        if attention_mask is not None or seq_idx is not None:
+        # Boolean mask, True = attend; None leaves causality (if any) to SDPA's is_causal.
+        allowed = None
+        if self.causal and (attention_mask is not None or seq_idx is not None):
             allowed = torch.ones(sq, sq, dtype=torch.bool, device=q.device).tril()
             allowed = allowed.view(1, 1, sq, sq)
-            if seq_idx is not None:
-                seq_idx = seq_idx.to(q.device)
-                allowed = allowed & (seq_idx[:, None, :, None] == seq_idx[:, None, None, :])
-            if attention_mask is not None:
-                allowed = allowed & ~attention_mask.to(torch.bool)
-            mask = allowed
-        ctx = self._sdpa(q, k, v, attn_mask=mask)  # [b, np, s, d]
+        if seq_idx is not None:
+            seq_idx = seq_idx.to(q.device)
+            allowed = _both(allowed, seq_idx[:, None, :, None] == seq_idx[:, None, None, :])
+        if attention_mask is not None:
+            allowed = _both(allowed, ~attention_mask.to(torch.bool))
+        ctx = self._sdpa(q, k, v, attn_mask=allowed)  # [b, np, s, d]
         return ctx.permute(2, 0, 1, 3).reshape(sq, bsz, nq * hd)

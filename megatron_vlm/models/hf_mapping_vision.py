@@ -83,6 +83,31 @@ def _check_layout(layout: str) -> None:
         raise ValueError(f"unknown HF layout {layout!r}; expected one of {LAYOUTS}")
 
 
+def _without_extra_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+
+
+def _renamed(state: Dict[str, torch.Tensor], renames: dict, layout: str, to_hf: bool,
+             ours_prefix: str = "", hf_prefix: str = "") -> Dict[str, torch.Tensor]:
+    """Pop the tensors of a rename table (ours -> per-layout HF name) out of ``state`` and return
+    them under their names on the other side: HF's when ``to_hf``, else ours."""
+    pairs = [(ours_prefix + ours, hf_prefix + names[layout]) for ours, names in renames.items()]
+    if to_hf:
+        return {hf: state.pop(ours) for ours, hf in pairs}
+    return {ours: state.pop(hf) for ours, hf in pairs}
+
+
+def _rename_all(state: Dict[str, torch.Tensor], renames: dict, layout: str, to_hf: bool,
+                what: str) -> Dict[str, torch.Tensor]:
+    """The whole of ``state`` through a rename table; raises on keys the table does not know."""
+    _check_layout(layout)
+    state = _without_extra_state(state) if to_hf else dict(state)
+    out = _renamed(state, renames, layout, to_hf)
+    if state:
+        raise ValueError(f"unmapped {what} keys: {sorted(state)}")
+    return out
+
+
 def _qkv_names(layout: str, kind: str) -> Tuple[str, ...]:
     if layout == "released":
         return (f"attn.qkv.{kind}",)
@@ -132,9 +157,7 @@ def vision_hf_to_megatron(hf_state: Dict[str, torch.Tensor], num_heads: int,
     """
     _check_layout(layout)
     hf_state = dict(hf_state)
-    out = {}
-    for ours, names in _TOWER_RENAMES.items():
-        out[ours] = hf_state.pop(names[layout])
+    out = _renamed(hf_state, _TOWER_RENAMES, layout, to_hf=False)
     if out["position_embeddings"].dim() == 2:
         out["position_embeddings"] = out["position_embeddings"].unsqueeze(0)
     for i in range(_num_layers(hf_state, layout)):
@@ -147,8 +170,7 @@ def vision_hf_to_megatron(hf_state: Dict[str, torch.Tensor], num_heads: int,
             else:
                 q, k, v = (hf_state.pop(n) for n in names)
             out[f"{ours_prefix}self_attention.linear_qkv.{kind}"] = interleave_qkv(q, k, v, num_heads)
-        for ours, names in _LAYER_RENAMES.items():
-            out[ours_prefix + ours] = hf_state.pop(hf_prefix + names[layout])
+        out.update(_renamed(hf_state, _LAYER_RENAMES, layout, False, ours_prefix, hf_prefix))
     for key in _check_dropped(hf_state, layout):
         hf_state.pop(key)
     if hf_state:
@@ -160,8 +182,8 @@ def vision_megatron_to_hf(state: Dict[str, torch.Tensor], num_heads: int,
                           layout: str = "released") -> Dict[str, torch.Tensor]:
     """Our tower's full state dict -> HF tower weights (without conditioner / summary buffers)."""
     _check_layout(layout)
-    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-    out = {names[layout]: state.pop(ours) for ours, names in _TOWER_RENAMES.items()}
+    state = _without_extra_state(state)
+    out = _renamed(state, _TOWER_RENAMES, layout, to_hf=True)
     layer_ids = sorted({int(k.split(".")[2]) for k in state if k.startswith("decoder.layers.")})
     for i in layer_ids:
         hf_prefix = _LAYER_PREFIX[layout].format(i)
@@ -174,8 +196,7 @@ def vision_megatron_to_hf(state: Dict[str, torch.Tensor], num_heads: int,
             else:
                 for name, t in zip(names, (q, k, v)):
                     out[hf_prefix + name] = t
-        for ours, names in _LAYER_RENAMES.items():
-            out[hf_prefix + names[layout]] = state.pop(ours_prefix + ours)
+        out.update(_renamed(state, _LAYER_RENAMES, layout, True, ours_prefix, hf_prefix))
     if state:
         raise ValueError(f"unmapped vision tower keys: {sorted(state)[:10]}")
     return out
@@ -184,22 +205,12 @@ def vision_megatron_to_hf(state: Dict[str, torch.Tensor], num_heads: int,
 def connector_hf_to_megatron(hf_state: Dict[str, torch.Tensor],
                              layout: str = "released") -> Dict[str, torch.Tensor]:
     """HF projector weights -> our connector's state dict (raises on unknown keys)."""
-    _check_layout(layout)
-    hf_state = dict(hf_state)
-    out = {ours: hf_state.pop(names[layout]) for ours, names in _CONNECTOR_RENAMES.items()}
-    if hf_state:
-        raise ValueError(f"unmapped HF connector keys: {sorted(hf_state)}")
-    return out
+    return _rename_all(hf_state, _CONNECTOR_RENAMES, layout, False, "HF connector")
 
 
 def connector_megatron_to_hf(state: Dict[str, torch.Tensor],
                              layout: str = "released") -> Dict[str, torch.Tensor]:
-    _check_layout(layout)
-    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-    out = {names[layout]: state.pop(ours) for ours, names in _CONNECTOR_RENAMES.items()}
-    if state:
-        raise ValueError(f"unmapped connector keys: {sorted(state)}")
-    return out
+    return _rename_all(state, _CONNECTOR_RENAMES, layout, True, "connector")
 
 
 def load_full_state(module: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:

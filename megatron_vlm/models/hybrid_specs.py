@@ -21,6 +21,9 @@ i.e. every layer's pre-norm weight lives as ``layer_norm_weight`` in the layer's
 (TE's convention, also what Megatron-LM Nemotron-H checkpoints contain), never as a separate
 ``norm`` / ``input_layernorm`` module. TE modules additionally carry ``_extra_state`` entries
 (FP8 metadata); the local modules return None for it.
+
+The choice of modules per implementation (``spec_modules``) and the attention / MLP blocks
+(``attention_block``, ``mlp_block``) also build the ViT's and the connector's specs.
 """
 
 from dataclasses import dataclass
@@ -87,7 +90,71 @@ class HybridStack(MambaStack):
                                            eps=config.layernorm_epsilon)
 
 
-def _layer_specs(norm_linear, row_linear, core_attention, final_norm, mixer_params: dict):
+def resolved_impl(impl: str = "auto") -> str:
+    """The implementation ``get_hybrid_stack_spec(impl)`` picks."""
+    return ("te" if te_available() else "local") if impl == "auto" else impl
+
+
+@dataclass(frozen=True)
+class SpecModules:
+    """The modules that fill the slots of a spec (the LLM's, the ViT's, the connector's)."""
+
+    norm_linear: type  # the block's pre-norm fused into its first (column-parallel) linear
+    row_linear: type
+    core_attention: type
+    norm: type
+
+
+def spec_modules(impl: str, what: str, local_norm_linear: type = NormColumnParallelLinear
+                 ) -> SpecModules:
+    """Modules of ``impl``: "te", "local" or "auto" (TE when importable with a GPU, else local).
+
+    ``local_norm_linear``: the local fused norm + linear (RMSNorm by default; the ViT's is
+    LayerNorm). TE's one reads the norm from the config. ``what`` names the spec in errors.
+    """
+    impl = resolved_impl(impl)
+    if impl == "local":
+        return SpecModules(local_norm_linear, RowParallelLinear, LocalCoreAttention, RMSNorm)
+    if impl == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+            TENorm,
+            TERowParallelLinear,
+        )
+
+        return SpecModules(TELayerNormColumnParallelLinear, TERowParallelLinear,
+                           TEDotProductAttention, TENorm)
+    raise ValueError(f"unknown {what} implementation {impl!r} (te, local or auto)")
+
+
+def mlp_submodules(modules: SpecModules) -> MLPSubmodules:
+    return MLPSubmodules(linear_fc1=modules.norm_linear, linear_fc2=modules.row_linear)
+
+
+def attention_block(modules: SpecModules, attn_mask_type: AttnMaskType) -> dict:
+    """``TransformerLayerSubmodules`` fields of a pre-norm self-attention block with residual."""
+    return dict(
+        self_attention=ModuleSpec(
+            module=SelfAttention,
+            params={"attn_mask_type": attn_mask_type},
+            submodules=SelfAttentionSubmodules(
+                linear_qkv=modules.norm_linear,
+                core_attention=modules.core_attention,
+                linear_proj=modules.row_linear,
+            ),
+        ),
+        self_attn_bda=get_bias_dropout_add,
+    )
+
+
+def mlp_block(modules: SpecModules) -> dict:
+    """``TransformerLayerSubmodules`` fields of a pre-norm MLP block with residual."""
+    return dict(mlp=ModuleSpec(module=MLP, submodules=mlp_submodules(modules)),
+                mlp_bda=get_bias_dropout_add)
+
+
+def _layer_specs(modules: SpecModules, mixer_params: dict):
     return ModuleSpec(
         module=HybridStack,
         submodules=HybridStackSubmodules(
@@ -97,7 +164,8 @@ def _layer_specs(norm_linear, row_linear, core_attention, final_norm, mixer_para
                     mixer=ModuleSpec(
                         module=HybridMambaMixer,
                         params=dict(mixer_params),
-                        submodules=MixerSubmodules(in_proj=norm_linear, out_proj=row_linear),
+                        submodules=MixerSubmodules(in_proj=modules.norm_linear,
+                                                   out_proj=modules.row_linear),
                     ),
                     mamba_bda=get_bias_dropout_add,
                 ),
@@ -105,29 +173,11 @@ def _layer_specs(norm_linear, row_linear, core_attention, final_norm, mixer_para
             attention_layer=ModuleSpec(
                 module=TransformerLayer,
                 submodules=TransformerLayerSubmodules(
-                    self_attention=ModuleSpec(
-                        module=SelfAttention,
-                        params={"attn_mask_type": AttnMaskType.causal},
-                        submodules=SelfAttentionSubmodules(
-                            linear_qkv=norm_linear,
-                            core_attention=core_attention,
-                            linear_proj=row_linear,
-                        ),
-                    ),
-                    self_attn_bda=get_bias_dropout_add,
-                ),
+                    **attention_block(modules, AttnMaskType.causal)),
             ),
-            mlp_layer=ModuleSpec(
-                module=MLPLayer,
-                submodules=TransformerLayerSubmodules(
-                    mlp=ModuleSpec(
-                        module=MLP,
-                        submodules=MLPSubmodules(linear_fc1=norm_linear, linear_fc2=row_linear),
-                    ),
-                    mlp_bda=get_bias_dropout_add,
-                ),
-            ),
-            final_norm=final_norm,
+            mlp_layer=ModuleSpec(module=MLPLayer,
+                                 submodules=TransformerLayerSubmodules(**mlp_block(modules))),
+            final_norm=modules.norm,
         ),
     )
 
@@ -144,26 +194,6 @@ def get_hybrid_stack_spec(
     impl: "te", "local" or "auto" (TE when importable with a GPU, else local).
     The other arguments are Mamba mixer settings that TransformerConfig does not carry.
     """
-    if impl == "auto":
-        impl = "te" if te_available() else "local"
     mixer_params = dict(chunk_size=chunk_size, dt_clamp_min=dt_clamp_min,
                         norm_eps=mamba_norm_eps, d_conv=conv_kernel)
-    if impl == "local":
-        return _layer_specs(NormColumnParallelLinear, RowParallelLinear, LocalCoreAttention,
-                            RMSNorm, mixer_params)
-    if impl == "te":
-        from megatron.core.extensions.transformer_engine import (
-            TEDotProductAttention,
-            TELayerNormColumnParallelLinear,
-            TENorm,
-            TERowParallelLinear,
-        )
-
-        return _layer_specs(TELayerNormColumnParallelLinear, TERowParallelLinear,
-                            TEDotProductAttention, TENorm, mixer_params)
-    raise ValueError(f"unknown hybrid spec implementation {impl!r} (te, local or auto)")
-
-
-def resolved_impl(impl: str = "auto") -> str:
-    """The implementation ``get_hybrid_stack_spec(impl)`` picks."""
-    return ("te" if te_available() else "local") if impl == "auto" else impl
+    return _layer_specs(spec_modules(impl, "hybrid spec"), mixer_params)

@@ -6,13 +6,12 @@ loss or updated parameters come from the parallel layout alone.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from megatron_vlm.distributed import initialize_distributed
 from megatron_vlm.training.optim import OptimSettings, build_optimizer, wrap_with_ddp
 from megatron_vlm.training.step import train_step
+from tests.parallel_utils import save_or_compare, save_or_load
 
 VOCAB, SEQ, GLOBAL_BATCH = 128, 32, 4
 
@@ -61,26 +60,13 @@ def microbatches(micro_batch_size: int) -> tuple[list, int]:
             for i in range(count)], count
 
 
-def load_into(model, ckpt_dir: str) -> None:
-    from megatron.core import dist_checkpointing
-
-    state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
-    model.load_state_dict(state)
-
-
 def one_step(tp: int = 1, pp: int = 1, micro_batch_size: int = 1,
              distributed_optimizer: bool = False, init_ckpt: str = "", save_init: bool = False,
              after_ckpt: str = "", save_after: bool = False) -> dict:
     """Train one step from ``init_ckpt``; save or compare the updated weights at ``after_ckpt``."""
-    from megatron.core import dist_checkpointing
-
     initialize_distributed(tp=tp, pp=pp)
     model = build_gpt(tp, pp)
-    if save_init:
-        os.makedirs(init_ckpt, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), init_ckpt)
-    else:
-        load_into(model, init_ckpt)
+    save_or_load(model, init_ckpt, save_init)
     model.eval()  # no dropout anywhere; the grads are the same as in train mode
     # Adam's first update is lr*g/(|g|+eps): for gradient elements near eps, float32 summation-order
     # noise (~1e-9 absolute, which differs by layout) is amplified into the update; eps=1e-6 keeps
@@ -92,17 +78,7 @@ def one_step(tp: int = 1, pp: int = 1, micro_batch_size: int = 1,
     batches, count = microbatches(micro_batch_size)
     result = train_step(ddp, optimizer, iter(batches), num_microbatches=count, seq_length=SEQ,
                         micro_batch_size=micro_batch_size)
-    if save_after:
-        os.makedirs(after_ckpt, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), after_ckpt)
-    else:
-        reference = build_gpt(tp, pp)
-        load_into(reference, after_ckpt)
-        ref_params = dict(reference.named_parameters())
-        diffs = {n: (p.detach() - ref_params[n].detach()).abs().max().item()
-                 for n, p in model.named_parameters()}
-        result["max_param_diff"] = max(diffs.values())
-        result["worst_param"] = max(diffs, key=diffs.get)
+    result.update(save_or_compare(model, after_ckpt, save_after, lambda: build_gpt(tp, pp)))
     return result
 
 

@@ -3,6 +3,7 @@
 import pytest
 
 from tests.multiproc import MultiprocFailure, run_multiproc
+from tests.parallel_utils import assert_step_matches, single_process_reference
 
 BODY = "tests.foundation.gpt_bodies:one_step"
 TOL = 1e-5
@@ -10,12 +11,8 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpt")
-    init, after = str(root / "init"), str(root / "after")
     # Single process: all 4 sequences as 4 microbatches of 1 (gradient accumulation).
-    (ref,) = run_multiproc(BODY, nproc=1, init_ckpt=init, save_init=True, after_ckpt=after,
-                           save_after=True)
-    return ref, init, after
+    return single_process_reference(tmp_path_factory, BODY, "gpt")
 
 
 @pytest.mark.parametrize("layout", [
@@ -28,10 +25,7 @@ def test_layout_matches_single_process(reference, layout):
     ref, init, after = reference
     results = run_multiproc(BODY, nproc=2, init_ckpt=init, after_ckpt=after, **layout)
     for rank, res in enumerate(results):
-        assert abs(res["loss"] - ref["loss"]) <= TOL, (rank, res["loss"], ref["loss"])
-        assert abs(res["grad_norm"] - ref["grad_norm"]) <= TOL * max(1.0, ref["grad_norm"]), (
-            rank, res["grad_norm"], ref["grad_norm"])
-        assert res["max_param_diff"] <= TOL, (rank, res["max_param_diff"], res["worst_param"])
+        assert_step_matches(rank, res, ref, TOL)
     assert ref["loss"] > 4.0  # ln(128) ~ 4.85 at init: the model really ran on random tokens
 
 

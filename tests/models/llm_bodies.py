@@ -9,11 +9,10 @@ Returned: mean loss and per-parameter gradient norms keyed by global (layout-ind
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from megatron_vlm.distributed import initialize_distributed
+from tests.parallel_utils import load_checkpoint, save_checkpoint
 
 MODEL = "nemotron_h_tiny"
 SEQ, MBS, NUM_MB = 160, 2, 2
@@ -108,8 +107,6 @@ def _perturb(model):
 
 def run_layout(ckpt: str, tp: int = 1, pp: int = 1, sp: bool = False, save: bool = False) -> dict:
     """Forward+backward at the given layout from the checkpoint (``save``: write it first)."""
-    from megatron.core import dist_checkpointing
-
     from megatron_vlm.models.config import load_model_config
     from megatron_vlm.models.llm import build_hybrid_llm
 
@@ -117,9 +114,8 @@ def run_layout(ckpt: str, tp: int = 1, pp: int = 1, sp: bool = False, save: bool
     model = build_hybrid_llm(MODEL, use_cpu_initialization=True, sequence_parallel=sp)
     if save:
         _perturb(model)
-        os.makedirs(ckpt, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), ckpt)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
+        save_checkpoint(model, ckpt)
+    load_checkpoint(model, ckpt)
     model.eval()  # dropout is 0 anyway; eval makes it explicit
     plain, packed = _batches(load_model_config(MODEL)["vocab_size"])
     return {"plain": _run_pass(model, plain, SEQ, MBS),

@@ -7,13 +7,12 @@ differences come from the layout alone. Microbatches are the three samples of
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from megatron_vlm.distributed import initialize_distributed
 from megatron_vlm.training.optim import OptimSettings, build_optimizer, wrap_with_ddp
 from megatron_vlm.training.step import train_step
+from tests.parallel_utils import save_or_compare, save_or_load
 from tests.vision.reference import IMAGE_TOKEN_ID
 
 SEQ, TILE, TOKENS_PER_TILE, NUM_MICROBATCHES = 48, 64, 4, 3
@@ -42,12 +41,6 @@ def build(freeze=None, sequence_parallel=False):
     extra = {"sequence_parallel": True} if sequence_parallel else {}
     return build_vlm("vlm_tiny", impl="local", image_token_id=IMAGE_TOKEN_ID,
                      use_cpu_initialization=True, freeze=freeze, **extra)
-
-
-def load_into(model, ckpt_dir: str) -> None:
-    from megatron.core import dist_checkpointing
-
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir))
 
 
 def per_token_losses(model) -> list:
@@ -100,17 +93,13 @@ def run_layout(tp: int = 1, pp: int = 1, init_ckpt: str = "", save_init: bool = 
                after_ckpt: str = "", save_after: bool = False, freeze=None,
                sequence_parallel: bool = False) -> dict:
     """Per-token losses, then one training step; save or compare the updated weights."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     from megatron_vlm.models.vlm import vlm_forward_step
 
     initialize_distributed(tp=tp, pp=pp)
     model = build(freeze, sequence_parallel)
-    if save_init:
-        os.makedirs(init_ckpt, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), init_ckpt)
-    else:
-        load_into(model, init_ckpt)
+    save_or_load(model, init_ckpt, save_init)
     model.eval()  # deterministic CPE, no dropout; gradients are the same as in train mode
     result = {"per_token": per_token_losses(model),
               "stage": parallel_state.get_pipeline_model_parallel_rank(),
@@ -129,15 +118,6 @@ def run_layout(tp: int = 1, pp: int = 1, init_ckpt: str = "", save_init: bool = 
         changes = [(p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()
                    if n.startswith(part + ".")]
         result["part_updates"][part] = max(changes) if changes else None
-    if save_after:
-        os.makedirs(after_ckpt, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), after_ckpt)
-    else:
-        reference = build(freeze, sequence_parallel)
-        load_into(reference, after_ckpt)
-        ref_params = dict(reference.named_parameters())
-        diffs = {n: (p.detach() - ref_params[n].detach()).abs().max().item()
-                 for n, p in model.named_parameters()}
-        result["max_param_diff"] = max(diffs.values())
-        result["worst_param"] = max(diffs, key=diffs.get)
+    result.update(save_or_compare(model, after_ckpt, save_after,
+                                  lambda: build(freeze, sequence_parallel)))
     return result

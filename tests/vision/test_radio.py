@@ -143,3 +143,38 @@ def test_wrong_tile_size_is_a_clear_error(towers):
     _, ours = towers
     with pytest.raises(ValueError, match="not a multiple of the patch size 16"):
         ours(torch.zeros(1, 3, 64, 72))
+
+
+def test_vit_local_core_attention_is_the_llms_unmasked_case():
+    """The ViT's local spec uses the LLM's LocalCoreAttention with ``no_mask``: full attention
+    (plain SDPA), a boolean mask honoured, and packed segments kept apart."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_vlm.models.core_attention import LocalCoreAttention
+    from megatron_vlm.models.packing import make_packed_seq_params
+    from megatron_vlm.models.vision.config import make_vision_transformer_config
+    from megatron_vlm.models.vision.specs import get_vit_layer_spec
+
+    spec = get_vit_layer_spec("local").submodules.self_attention
+    assert spec.submodules.core_attention is LocalCoreAttention
+    assert spec.params["attn_mask_type"] == AttnMaskType.no_mask
+    config = make_vision_transformer_config("radio_tiny", tp=1)
+    attn = LocalCoreAttention(config, 1, AttnMaskType.no_mask, "self").eval()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(12, 2, 4, 16, generator=g) for _ in range(3))  # [s, b, heads, dim]
+
+    def reference(q, k, v, mask=None):  # mask: True = attend
+        out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)),
+                                             attn_mask=mask)
+        return out.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)
+
+    torch.testing.assert_close(attn(q, k, v, None), reference(q, k, v), rtol=0, atol=0)
+    masked = torch.rand(2, 1, 12, 12, generator=g) > 0.7
+    masked[..., 0] = False
+    torch.testing.assert_close(attn(q, k, v, masked), reference(q, k, v, ~masked), rtol=0, atol=0)
+    # Packed: two samples of 5 and 7 tokens in one row attend only within themselves.
+    packed = attn(q[:, :1], k[:, :1], v[:, :1], None,
+                  packed_seq_params=make_packed_seq_params(torch.tensor([0, 5, 12])))
+    for lo, hi in ((0, 5), (5, 12)):
+        torch.testing.assert_close(packed[lo:hi], reference(q[lo:hi, :1], k[lo:hi, :1],
+                                                            v[lo:hi, :1]), rtol=1e-6, atol=1e-6)

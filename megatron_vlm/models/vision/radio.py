@@ -28,9 +28,9 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vlm.models.config import config_fields
+from megatron_vlm.models.norms import param_device
 from megatron_vlm.models.vision import cpe
 from megatron_vlm.models.vision.config import load_radio_config, make_vision_transformer_config
-from megatron_vlm.models.vision.layers import param_device
 from megatron_vlm.models.vision.specs import get_vit_block_spec
 
 

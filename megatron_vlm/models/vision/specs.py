@@ -15,58 +15,23 @@ megatron's own ``get_vit_layer_with_local_spec`` is not used: it masks causally 
 ``DotProductAttention`` needs CUDA.
 """
 
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel import RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from megatron_vlm.models.hybrid_specs import resolved_impl
-from megatron_vlm.models.vision.layers import BidirectionalCoreAttention, LayerNormColumnParallelLinear
-
-
-def _vit_layer(norm_linear, row_linear, core_attention) -> ModuleSpec:
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.no_mask},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=norm_linear,
-                    core_attention=core_attention,
-                    linear_proj=row_linear,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=norm_linear, linear_fc2=row_linear),
-            ),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+from megatron_vlm.models.hybrid_specs import attention_block, mlp_block, spec_modules
+from megatron_vlm.models.vision.layers import LayerNormColumnParallelLinear
 
 
 def get_vit_layer_spec(impl: str = "auto") -> ModuleSpec:
     """One ViT layer. impl: "te", "local" or "auto" (TE when importable with a GPU, else local)."""
-    impl = resolved_impl(impl)
-    if impl == "local":
-        return _vit_layer(LayerNormColumnParallelLinear, RowParallelLinear,
-                          BidirectionalCoreAttention)
-    if impl == "te":
-        from megatron.core.extensions.transformer_engine import (
-            TEDotProductAttention,
-            TELayerNormColumnParallelLinear,
-            TERowParallelLinear,
-        )
-
-        return _vit_layer(TELayerNormColumnParallelLinear, TERowParallelLinear,
-                          TEDotProductAttention)
-    raise ValueError(f"unknown ViT spec implementation {impl!r} (te, local or auto)")
+    modules = spec_modules(impl, "ViT spec", local_norm_linear=LayerNormColumnParallelLinear)
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            **attention_block(modules, AttnMaskType.no_mask), **mlp_block(modules)),
+    )
 
 
 def get_vit_block_spec(num_layers: int, impl: str = "auto") -> TransformerBlockSubmodules:
