@@ -17,7 +17,7 @@ import torch
 
 from megatron_vlm.distributed import initialize_distributed
 from megatron_vlm.training import checkpoint as ckpt
-from megatron_vlm.training.optim import OptimSettings, build_optimizer, wrap_with_ddp
+from megatron_vlm.training.optim import build_optimizer, wrap_with_ddp
 from megatron_vlm.training.progress import Progress
 from megatron_vlm.training.recipe import Recipe, check_against_world, check_paths
 from megatron_vlm.training.step import train_step
@@ -78,15 +78,8 @@ def run(recipe: Recipe) -> dict:
     run_dir = Path(recipe.checkpoint.dir)
 
     model_chunks, tokenizer, model_cfg = build_model_chunks(recipe)
-    settings = OptimSettings(
-        lr=recipe.optimizer.lr, min_lr=recipe.optimizer.min_lr,
-        weight_decay=recipe.optimizer.weight_decay, adam_beta1=recipe.optimizer.adam_beta1,
-        adam_beta2=recipe.optimizer.adam_beta2, adam_eps=recipe.optimizer.adam_eps,
-        clip_grad=recipe.optimizer.clip_grad,
-        use_distributed_optimizer=recipe.optimizer.distributed,
-        bf16=recipe.train.precision in ("bf16", "fp8"))
-    ddp = wrap_with_ddp(model_chunks, settings)
-    optimizer = build_optimizer(ddp, settings)
+    ddp = wrap_with_ddp(model_chunks, distributed_optimizer=recipe.optimizer.distributed)
+    optimizer = build_optimizer(ddp, recipe.optimizer, bf16=recipe.train.precision != "fp32")
     scheduler = build_scheduler(optimizer, recipe)
 
     dp_rank = parallel_state.get_data_parallel_rank()

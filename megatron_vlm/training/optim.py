@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List
 
 import torch
 
-
-@dataclass
-class OptimSettings:
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = False
-    overlap_grad_reduce: bool = False
-    bf16: bool = False
+from megatron_vlm.training.recipe import OptimizerSection
 
 
-def wrap_with_ddp(model_chunks: List[torch.nn.Module], settings: OptimSettings) -> list:
+def wrap_with_ddp(model_chunks: List[torch.nn.Module], distributed_optimizer: bool,
+                  overlap_grad_reduce: bool = False) -> list:
     """Megatron DDP over each chunk; the gradient buffers are fp32 so accumulation is exact."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=settings.overlap_grad_reduce,
-        use_distributed_optimizer=settings.use_distributed_optimizer,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=distributed_optimizer,
     )
     wrapped = []
     for index, chunk in enumerate(model_chunks):
@@ -41,7 +29,8 @@ def wrap_with_ddp(model_chunks: List[torch.nn.Module], settings: OptimSettings) 
     return wrapped
 
 
-def build_optimizer(ddp_chunks: list, settings: OptimSettings):
+def build_optimizer(ddp_chunks: list, settings: OptimizerSection, bf16: bool = False):
+    """megatron's optimizer (Adam) from a recipe's ``optimizer`` section."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(
@@ -53,9 +42,9 @@ def build_optimizer(ddp_chunks: list, settings: OptimSettings):
         adam_beta2=settings.adam_beta2,
         adam_eps=settings.adam_eps,
         clip_grad=settings.clip_grad,
-        bf16=settings.bf16,
-        params_dtype=torch.bfloat16 if settings.bf16 else torch.float32,
-        use_distributed_optimizer=settings.use_distributed_optimizer,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=settings.distributed,
     )
     optimizer = get_megatron_optimizer(config, ddp_chunks)
     attach_schedule_hooks(ddp_chunks, optimizer)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from megatron_vlm.distributed import initialize_distributed
-from megatron_vlm.training.optim import OptimSettings, build_optimizer, wrap_with_ddp
+from megatron_vlm.training.optim import build_optimizer, wrap_with_ddp
+from megatron_vlm.training.recipe import OptimizerSection
 from megatron_vlm.training.step import train_step
 from tests.parallel_utils import save_or_compare, save_or_load
 
@@ -71,9 +72,8 @@ def one_step(tp: int = 1, pp: int = 1, micro_batch_size: int = 1,
     # Adam's first update is lr*g/(|g|+eps): for gradient elements near eps, float32 summation-order
     # noise (~1e-9 absolute, which differs by layout) is amplified into the update; eps=1e-6 keeps
     # the comparison about the layout, not about rounding of near-zero gradients.
-    settings = OptimSettings(lr=1e-3, adam_eps=1e-6,
-                             use_distributed_optimizer=distributed_optimizer)
-    ddp = wrap_with_ddp([model], settings)
+    settings = OptimizerSection(lr=1e-3, adam_eps=1e-6, distributed=distributed_optimizer)
+    ddp = wrap_with_ddp([model], distributed_optimizer=distributed_optimizer)
     optimizer = build_optimizer(ddp, settings)
     batches, count = microbatches(micro_batch_size)
     result = train_step(ddp, optimizer, iter(batches), num_microbatches=count, seq_length=SEQ,

@@ -6,7 +6,7 @@ the tiny pattern ``M*M-M-`` puts ``M*M`` on stage 0 and ``-M-`` on stage 1.
 
 import pytest
 
-from tests.multiproc import MultiprocFailure, run_multiproc
+from tests.multiproc import run_multiproc
 
 BODY = "tests.models.llm_bodies:run_layout"
 TOL = 1e-5

@@ -8,24 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import build_demo_corpus, repo_like_workdir
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "demo_data"
-    subprocess.run([sys.executable, "-m", "data_prep.make_demo_data", "--out", str(out),
-                    "--scale", "0.05"],
-                   cwd=REPO, check=True, capture_output=True)
-    return out
+    return build_demo_corpus(tmp_path_factory, "demo", "--scale", "0.05")
 
 
 @pytest.fixture()
 def workdir(tmp_path, demo_data) -> Path:
-    """A working directory laid out like the repo root: recipes/ and demo_data/ resolve."""
-    (tmp_path / "recipes").symlink_to(REPO / "recipes")
-    (tmp_path / "demo_data").symlink_to(demo_data)
-    return tmp_path
+    return repo_like_workdir(tmp_path, demo_data)
 
 
 def launch_train(workdir: Path, recipe: str, *overrides: str, nproc: int = 2,

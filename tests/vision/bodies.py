@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from megatron_vlm.distributed import initialize_distributed
-from megatron_vlm.training.optim import OptimSettings, build_optimizer, wrap_with_ddp
+from megatron_vlm.training.optim import build_optimizer, wrap_with_ddp
+from megatron_vlm.training.recipe import OptimizerSection
 from megatron_vlm.training.step import train_step
 from tests.parallel_utils import save_or_compare, save_or_load
 from tests.vision.reference import IMAGE_TOKEN_ID
@@ -105,8 +106,9 @@ def run_layout(tp: int = 1, pp: int = 1, init_ckpt: str = "", save_init: bool = 
               "stage": parallel_state.get_pipeline_model_parallel_rank(),
               "has_vision": model.vision_model is not None}
 
-    settings = OptimSettings(lr=1e-3, adam_eps=1e-6)  # see tests/foundation/gpt_bodies.py on eps
-    ddp = wrap_with_ddp([model], settings)
+    # see tests/foundation/gpt_bodies.py on eps
+    settings = OptimizerSection(lr=1e-3, adam_eps=1e-6, distributed=False)
+    ddp = wrap_with_ddp([model], distributed_optimizer=False)
     optimizer = build_optimizer(ddp, settings)
     result["part_grad_norms"] = part_grad_norms(ddp[0], model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -132,7 +132,8 @@ def test_packed_row_matches_separate_samples(model):
 def test_stage0_optimizer_step_updates_only_the_connector(megatron_single):
     """Megatron DDP + optimizer on a Stage 0 model: one step changes the connector only."""
     from megatron_vlm.models.vlm import vlm_forward_step
-    from megatron_vlm.training.optim import OptimSettings, build_optimizer, wrap_with_ddp
+    from megatron_vlm.training.optim import build_optimizer, wrap_with_ddp
+    from megatron_vlm.training.recipe import OptimizerSection
     from megatron_vlm.training.step import train_step
     from tests.vision.bodies import NUM_MICROBATCHES, microbatches
 
@@ -140,8 +141,8 @@ def test_stage0_optimizer_step_updates_only_the_connector(megatron_single):
     model = build_vlm("vlm_tiny", impl="local", image_token_id=IMAGE_TOKEN_ID,
                       use_cpu_initialization=True, freeze={"vision": True, "llm": True}).eval()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    settings = OptimSettings(lr=1e-3)
-    ddp = wrap_with_ddp([model], settings)
+    settings = OptimizerSection(lr=1e-3, distributed=False)
+    ddp = wrap_with_ddp([model], distributed_optimizer=False)
     result = train_step(ddp, build_optimizer(ddp, settings), iter(microbatches()),
                         num_microbatches=NUM_MICROBATCHES, seq_length=SEQ, micro_batch_size=1,
                         forward_step_func=vlm_forward_step)

@@ -1,0 +1,22 @@
+"""Helpers shared by the test packages that need a generated demo corpus."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_demo_corpus(tmp_path_factory, name: str, *args: str) -> Path:
+    """Run `python -m data_prep.make_demo_data` into a fresh temp dir; returns the corpus dir."""
+    out = tmp_path_factory.mktemp(name) / "demo_data"
+    subprocess.run([sys.executable, "-m", "data_prep.make_demo_data", "--out", str(out), *args],
+                   cwd=REPO, check=True, capture_output=True)
+    return out
+
+
+def repo_like_workdir(tmp_path: Path, corpus: Path) -> Path:
+    """A working directory laid out like the repo root: recipes/ and demo_data/ resolve."""
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")
+    (tmp_path / "demo_data").symlink_to(corpus)
+    return tmp_path
