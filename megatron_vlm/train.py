@@ -42,9 +42,13 @@ def main(argv=None) -> int:
             dp = check_against_world(recipe, world)
             print(f"{args.recipe}: ok ({world} ranks, data-parallel {dp})")
             return 0
-        from megatron_vlm.training.loop import run
+        from megatron_vlm.training.loop import TrainingStopped, run
 
-        run(recipe)
+        try:
+            run(recipe)
+        except TrainingStopped as e:
+            print(f"training stopped: {e}", file=sys.stderr)
+            return 3
     except RecipeError as e:
         print(f"recipe error: {e}", file=sys.stderr)
         return 2

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from megatron_vlm.distributed import initialize_distributed
+from megatron_vlm.distributed import initialize_distributed, read_launch_env
 from megatron_vlm.training import checkpoint as ckpt
 from megatron_vlm.training.optim import build_optimizer, wrap_with_ddp
 from megatron_vlm.training.progress import Progress
-from megatron_vlm.training.recipe import Recipe, check_against_world, check_paths
+from megatron_vlm.training.recipe import Recipe, RecipeError, check_against_world, check_paths
 from megatron_vlm.training.step import train_step
 
 
@@ -69,12 +69,9 @@ def run(recipe: Recipe) -> dict:
     from megatron_vlm.training.model_setup import build_model_chunks
 
     check_paths(recipe)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
-    if world is not None:
-        check_against_world(recipe, world)
+    check_against_world(recipe, read_launch_env().world_size)  # before any process group starts
     p = recipe.parallel
     layout = initialize_distributed(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=recipe.train.seed)
-    check_against_world(recipe, torch.distributed.get_world_size())
     run_dir = Path(recipe.checkpoint.dir)
 
     model_chunks, tokenizer, model_cfg = build_model_chunks(recipe)
@@ -101,7 +98,7 @@ def run(recipe: Recipe) -> dict:
     elif recipe.checkpoint.init_from:
         source = ckpt.latest_checkpoint(recipe.checkpoint.init_from)
         if source is None:
-            raise FileNotFoundError(
+            raise RecipeError(
                 f"{recipe.source}: checkpoint.init_from: no complete checkpoint under "
                 f"{recipe.checkpoint.init_from} (run the previous stage first)")
         ckpt.load_checkpoint(source, ddp)  # weights only: fresh optimizer and schedule
@@ -142,11 +139,11 @@ def run(recipe: Recipe) -> dict:
                           seq_length=recipe.data.seq_length,
                           micro_batch_size=recipe.train.micro_batch_size,
                           forward_step_func=forward_step)
-        if not math.isfinite(last["loss"]):
+        if not math.isfinite(last["loss"]):  # train_step made no update
             if not recipe.train.skip_nan_steps:
                 raise TrainingStopped(f"{recipe.name}: loss is {last['loss']} at step {step + 1}; "
                                       "stopping (set train.skip_nan_steps=true to skip such steps)")
-            progress.say(f"step {step + 1}: loss {last['loss']}, step skipped")
+            progress.say(f"step {step + 1}: loss {last['loss']}, update skipped")
         scheduler.step(1)
         step += 1
         lr = optimizer.param_groups[0]["lr"]

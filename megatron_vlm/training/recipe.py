@@ -188,6 +188,11 @@ def _coerce(value: Any, tp, where: str, source: str):
         return _build(tp, value, where, source)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string; users mean a number
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise RecipeError(f"{source}: {where}: expected {_type_name(tp)}, got "
                           f"{type(value).__name__} {value!r}")

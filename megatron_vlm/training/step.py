@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable, Iterator, List
 
@@ -47,7 +48,11 @@ def _last_stage_mean(losses: List[dict], key: str) -> torch.Tensor:
 def train_step(model_chunks: list, optimizer, data_iterator, num_microbatches: int,
                seq_length: int, micro_batch_size: int,
                forward_step_func: Callable = lm_forward_step) -> dict:
-    """Forward/backward over ``num_microbatches``, then one optimizer step. Returns loss and norm."""
+    """Forward/backward over ``num_microbatches``, then one optimizer step. Returns loss and norm.
+
+    A NaN/inf loss leaves the weights untouched (no optimizer step); the caller decides whether
+    that stops training.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in model_chunks:
@@ -63,9 +68,11 @@ def train_step(model_chunks: list, optimizer, data_iterator, num_microbatches: i
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    loss = float(_last_stage_mean(losses, "lm loss").item())
+    if not math.isfinite(loss):  # every rank sees the same reduced loss: all skip the update
+        return {"loss": loss, "grad_norm": float("nan"), "update_successful": False}
     update_successful, grad_norm, _ = optimizer.step()
-    loss = _last_stage_mean(losses, "lm loss")
-    return {"loss": float(loss.item()), "grad_norm": float(grad_norm or 0.0),
+    return {"loss": loss, "grad_norm": float(grad_norm or 0.0),
             "update_successful": bool(update_successful)}
 
 

@@ -1,5 +1,6 @@
 """Resume, crash safety, resharding and stage chaining, through the real `megatron_vlm.train` CLI."""
 
+import re
 import signal
 import time
 
@@ -107,3 +108,17 @@ def test_sigterm_saves_and_exits_cleanly(workdir):
     saved = int((workdir / "runs/sigterm/latest").read_text().strip().split("_")[1])
     assert f"SIGTERM: saved checkpoint at step {saved}, exiting cleanly" in out
     assert 2 <= saved < 200
+
+
+def test_nan_loss_stops_naming_the_step_or_is_skipped(workdir):
+    # A learning rate of 1e12 without clipping blows the weights up within a few steps.
+    diverge = ["train.steps=6", "schedule.warmup_steps=0", "optimizer.lr=1e12",
+               "optimizer.clip_grad=0.0", *TEXT_DATA]
+    proc = launch_train(workdir, "base", *diverge, "checkpoint.dir=runs/nan", check=False)
+    assert proc.returncode != 0, proc.stderr[-2000:]  # the workers exit 3; torchrun reports 1
+    match = re.search(r"training stopped: base: loss is (nan|inf) at step (\d+)", proc.stderr)
+    assert match and 2 <= int(match.group(2)) <= 6, proc.stderr[-2000:]
+    skipped = launch_train(workdir, "base", *diverge, "train.skip_nan_steps=true",
+                           "checkpoint.dir=runs/nan_skip")
+    assert "update skipped" in skipped.stdout
+    assert (workdir / "runs/nan_skip/summary.json").is_file()

@@ -70,8 +70,10 @@ def test_bad_recipe_gives_one_line_error(workdir, kind):
 
 
 def test_overrides_and_base_merge():
-    recipe = load_recipe(REPO / "recipes/tiny/stage1.yaml", ["train.steps=17", "parallel.tp=1"])
+    recipe = load_recipe(REPO / "recipes/tiny/stage1.yaml",
+                         ["train.steps=17", "parallel.tp=1", "optimizer.lr=3e-3"])
     assert recipe.train.steps == 17 and recipe.parallel.tp == 1
+    assert recipe.optimizer.lr == 3e-3  # YAML alone would read "3e-3" as a string
     assert recipe.optimizer.clip_grad == 1.0  # from _common.yaml
     with pytest.raises(RecipeError, match="must look like section.key=value"):
         load_recipe(REPO / "recipes/tiny/stage1.yaml", ["train.steps"])
