@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TORCH_INDEX ?=
 # Tests that start torchrun use both cores; a single pytest worker keeps them from oversubscribing.
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 
@@ -18,9 +19,10 @@ venv: $(STAMP)
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# The CPU build of torch first (pip finds it on local disk where the machine has it), so that
-	# nothing later can resolve "torch" to a CUDA wheel.
-	$(PY) -m pip install -q torch==2.13.0
+	# The CPU build of torch first, so that nothing later resolves "torch" to a CUDA wheel. Where
+	# pip has no local CPU wheel (find-links), point TORCH_INDEX at PyTorch's CPU index, e.g.
+	# make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 

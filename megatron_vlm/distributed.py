@@ -59,9 +59,15 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
-def read_launch_env(environ=None) -> LaunchEnv:
-    """Rank and rendezvous from torchrun's variables, else Slurm's, else a single process."""
+def read_launch_env(environ=None, single_process: bool = False) -> LaunchEnv:
+    """Rank and rendezvous from torchrun's variables, else Slurm's, else a single process.
+
+    ``single_process`` ignores the launcher (a one-process tool run inside an sbatch allocation
+    must not wait for the allocation's other tasks).
+    """
     env = os.environ if environ is None else environ
+    if single_process:
+        env = {k: v for k, v in env.items() if k == "MASTER_PORT"}
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(
             rank=int(env["RANK"]),
@@ -83,11 +89,11 @@ def read_launch_env(environ=None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", default_port)),
             launcher="slurm",
         )
-    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else free_port()
     return LaunchEnv(0, 1, 0, "127.0.0.1", port, "single")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -116,12 +122,13 @@ def check_parallel_sizes(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1,
 
 def initialize_distributed(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = None,
                            seed: int = 1234, backend: Optional[str] = None,
-                           timeout_minutes: int = 30) -> ParallelLayout:
+                           timeout_minutes: int = 30,
+                           single_process: bool = False) -> ParallelLayout:
     """Start torch.distributed and megatron's parallel state; returns the layout with its DP size."""
     from megatron.core import parallel_state, tensor_parallel
 
     cpu = setup_platform()
-    launch = read_launch_env()
+    launch = read_launch_env(single_process=single_process)
     layout = check_parallel_sizes(launch.world_size, tp, pp, cp, vpp)
     backend = backend or ("gloo" if cpu else "nccl")
     if not cpu:

@@ -18,6 +18,8 @@ warnings.filterwarnings("ignore", message=".*(cuda_graph_scope|non-leaf Tensor).
 
 from megatron_vlm.training.recipe import RecipeError, load_recipe
 
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM / wall-time limit, checkpoint saved
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -27,28 +29,31 @@ def main(argv=None) -> int:
                         help="check the recipe (keys, types, paths) and exit")
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --validate-only: check parallel and batch sizes for this many "
-                             "ranks (default: $WORLD_SIZE, else 1)")
+                             "ranks (default: the launcher's world size, else 1)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.validate_only:
-            import os
-
+            from megatron_vlm.distributed import read_launch_env
             from megatron_vlm.training.recipe import check_against_world, check_paths
 
             check_paths(recipe)
-            world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+            world = args.world_size or read_launch_env().world_size
             dp = check_against_world(recipe, world)
             print(f"{args.recipe}: ok ({world} ranks, data-parallel {dp})")
             return 0
         from megatron_vlm.training.loop import TrainingStopped, run
 
         try:
-            run(recipe)
+            summary = run(recipe)
         except TrainingStopped as e:
             print(f"training stopped: {e}", file=sys.stderr)
             return 3
+        if summary.get("stopped"):
+            # Not finished: a non-zero exit keeps job chains (Slurm afterok) from moving on;
+            # running the same command again resumes from the checkpoint just written.
+            return EXIT_INTERRUPTED
     except RecipeError as e:
         print(f"recipe error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Run a test body in real processes under ``torchrun`` (gloo on CPU) and collect each rank's result.
 
-    results = run_multiproc("tests.foundation.bodies:train_step", nproc=2, layout="tp2", ckpt=str(p))
+    results = run_multiproc("tests.foundation.gpt_bodies:one_step", nproc=2, tp=2, init_ckpt=str(p))
 
 The body is ``module:function``; it is called with the keyword arguments (JSON-serialisable) after
 the platform layer is set up, and must initialise its own parallel state. Its return value (JSON)
@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from megatron_vlm.distributed import free_port
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class MultiprocFailure(AssertionError):
     pass
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_multiproc(target: str, nproc: int = 2, timeout: float = 600, env: dict | None = None,
@@ -37,7 +32,7 @@ def run_multiproc(target: str, nproc: int = 2, timeout: float = 600, env: dict |
         kwargs_file = Path(tmp) / "kwargs.json"
         kwargs_file.write_text(json.dumps(kwargs))
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--nnodes=1", f"--master_port={_free_port()}", "--master_addr=127.0.0.1",
+               "--nnodes=1", f"--master_port={free_port()}", "--master_addr=127.0.0.1",
                "-m", "tests._multiproc_entry", target, tmp]
         full_env = dict(os.environ)
         full_env.update({"PYTHONPATH": str(REPO_ROOT) + os.pathsep + full_env.get("PYTHONPATH", ""),

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         elif recipe.train.precision == "fp8":
             recipe.train.precision = "bf16"  # fp8 GEMMs want lengths in multiples of 16
         start = time.perf_counter()
-        initialize_distributed(seed=recipe.train.seed)
+        initialize_distributed(seed=recipe.train.seed, single_process=True)
         try:
             try:
                 (model,), tokenizer, model_cfg = build_model_chunks(recipe)

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from megatron_vlm.training.recipe import load_recipe  # noqa: E402
+from megatron_vlm.distributed import free_port  # noqa: E402
 
 
 def stage_files(recipe_dir: Path) -> list[Path]:
@@ -67,7 +68,7 @@ def train_stage(recipe_file: Path, workdir: Path, nproc: int, extra: list[str],
                 summary: Path) -> None:
     print(f"== {recipe_file.stem}: training ({recipe_file})", flush=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_port", str(_free_port()), "-m", "megatron_vlm.train",
+           "--master_port", str(free_port()), "-m", "megatron_vlm.train",
            "--recipe", str(recipe_file), *stage_overrides(recipe_file, workdir), *extra]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONWARNINGS="ignore")
@@ -76,13 +77,6 @@ def train_stage(recipe_file: Path, workdir: Path, nproc: int, extra: list[str],
         raise SystemExit(f"stage {recipe_file.stem} failed (exit {proc.returncode}); fix and re-run "
                          "the same command to continue from its last checkpoint")
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def format_table(summaries: list[dict]) -> str:

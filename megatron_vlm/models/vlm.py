@@ -279,9 +279,7 @@ def vlm_forward_step(data_iterator, model: torch.nn.Module):
     """
     from megatron_vlm.training.step import masked_lm_loss
 
-    batch = next(data_iterator) if data_iterator is not None else None
-    if batch is None:
-        return model(None), partial(masked_lm_loss, torch.ones(1))
+    batch = next(data_iterator)  # every stage reads the batch (the loop gives each an iterator)
     cu_seqlens = batch.get("cu_seqlens")
     packed = make_packed_seq_params(cu_seqlens) if cu_seqlens is not None else None
     output = model(batch["tokens"], tiles=batch.get("tiles"), labels=batch["labels"],

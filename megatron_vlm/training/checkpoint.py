@@ -5,7 +5,8 @@ Layout of a checkpoint root::
     latest                 # one line: the name of the newest complete checkpoint
     step_0000040/          # megatron dist_checkpointing directory (model + optimizer shards)
         meta.json          # step, consumed samples, layout, recipe name, scheduler state
-        ranks/rank00003.pt # per-rank RNG state and data-loader position
+        ranks/rank00003.pt # per-rank RNG state (restored when resuming at the same layout)
+        loader/dp00001.json# data-parallel rank 1's data-loader position
 
 A checkpoint is written to ``step_N.tmp`` and renamed only once every rank has finished, then
 ``latest`` is replaced atomically. A crash at any point leaves the previous checkpoint and
@@ -140,13 +141,37 @@ def _restore_rng(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _complete(path: Path) -> bool:
+    return (path / "meta.json").is_file()
+
+
 def latest_checkpoint(root) -> Optional[Path]:
-    """The newest complete checkpoint under ``root``, or None."""
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
+    """The newest complete checkpoint under ``root``, or None if there is none.
+
+    ``latest`` names it; if that pointer is missing or names an incomplete directory (a crash at
+    the wrong moment, a partial copy), the newest complete ``step_*`` directory is used instead
+    of silently starting over.
+    """
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if _complete(path):
+            return path
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.suffix and _complete(p))
+    return complete[-1] if complete else None
+
+
+SUMMARY = "summary.json"
+
+
+def mark_finished(root, summary: dict) -> None:
+    """A stage's directory gets summary.json only when its last step is saved and evaluated."""
+    _write_atomic(Path(root) / SUMMARY, json.dumps(summary, indent=1))
+
+
+def is_finished(root) -> bool:
+    return (Path(root) / SUMMARY).is_file()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -161,8 +186,12 @@ def _write_atomic(path: Path, text: str) -> None:
 def save_checkpoint(root, step: int, model_chunks: list, optimizer=None, scheduler=None,
                     loader_state: Optional[dict] = None, meta: Optional[dict] = None,
                     keep: int = 2) -> Path:
-    """Save everything needed to resume at ``step``; every rank must call this."""
-    from megatron.core import dist_checkpointing
+    """Save everything needed to resume at ``step``; every rank must call this.
+
+    ``loader_state`` is this data-parallel rank's loader position (the same on its TP/PP peers).
+    ``keep``: newest checkpoints kept (0 keeps all).
+    """
+    from megatron.core import dist_checkpointing, parallel_state
 
     root = Path(root)
     name = f"step_{step:07d}"
@@ -177,21 +206,31 @@ def save_checkpoint(root, step: int, model_chunks: list, optimizer=None, schedul
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_optimizer_metadata())
     dist_checkpointing.save(state, str(tmp))
     (tmp / "ranks").mkdir(exist_ok=True)
-    torch.save({"rng": _rng_state(), "loader": loader_state},
-               tmp / "ranks" / f"rank{_rank():05d}.pt")
+    torch.save({"rng": _rng_state()}, tmp / "ranks" / f"rank{_rank():05d}.pt")
+    if loader_state is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
+            and parallel_state.get_pipeline_model_parallel_rank() == 0:
+        (tmp / "loader").mkdir(exist_ok=True)
+        dp_rank = parallel_state.get_data_parallel_rank()
+        (tmp / "loader" / f"dp{dp_rank:05d}.json").write_text(json.dumps(loader_state))
     _barrier()
     if _rank() == 0:
         record = dict(meta or {}, step=step)
         if scheduler is not None:
             record["scheduler"] = scheduler.state_dict()
         (tmp / "meta.json").write_text(json.dumps(record, indent=1))
+        # Re-saving a step: move the old copy aside, so a complete one exists at every moment.
+        aside = root / f"{name}.old"
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(final, aside)
         os.rename(tmp, final)
         _write_atomic(root / LATEST, name + "\n")
-        old = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.suffix)
-        for stale in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
+        if keep > 0:
+            others = sorted(p for p in root.glob("step_*")
+                            if p.is_dir() and not p.suffix and p != final)
+            for stale in others[:max(0, len(others) - (keep - 1))]:
+                shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
 
@@ -222,10 +261,22 @@ def load_checkpoint(path, model_chunks: list, optimizer=None, scheduler=None,
     meta = json.loads((path / "meta.json").read_text())
     if scheduler is not None and "scheduler" in meta:
         scheduler.load_state_dict(meta["scheduler"])
-    rank_file = path / "ranks" / f"rank{_rank():05d}.pt"
     meta["loader"] = None
-    if optimizer is not None and rank_file.is_file():
-        per_rank = torch.load(rank_file, weights_only=False)
-        _restore_rng(per_rank["rng"])
-        meta["loader"] = per_rank["loader"]
+    if optimizer is not None:  # a resume, not a weights-only start
+        from megatron.core import parallel_state
+
+        loader_file = path / "loader" / f"dp{parallel_state.get_data_parallel_rank():05d}.json"
+        if loader_file.is_file():
+            meta["loader"] = json.loads(loader_file.read_text())
+        rank_file = path / "ranks" / f"rank{_rank():05d}.pt"
+        if rank_file.is_file() and meta.get("layout") == current_layout():
+            _restore_rng(torch.load(rank_file, weights_only=False)["rng"])
     return meta
+
+
+def current_layout() -> str:
+    from megatron.core import parallel_state as ps
+
+    return (f"tp={ps.get_tensor_model_parallel_world_size()} "
+            f"pp={ps.get_pipeline_model_parallel_world_size()} "
+            f"cp={ps.get_context_parallel_world_size()} dp={ps.get_data_parallel_world_size()}")

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from megatron_vlm.distributed import initialize_distributed, read_launch_env
+from megatron_vlm.platform import device
 from megatron_vlm.training import checkpoint as ckpt
 from megatron_vlm.training.optim import build_optimizer, wrap_with_ddp
 from megatron_vlm.training.progress import Progress
@@ -40,7 +40,7 @@ class _StopFlag:
 
     def should_stop(self) -> str:
         local = self.signalled or (self.deadline is not None and time.monotonic() > self.deadline)
-        flag = torch.tensor([1.0 if local else 0.0])
+        flag = torch.tensor([1.0 if local else 0.0], device=device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if not flag.item():
@@ -56,7 +56,9 @@ def build_scheduler(optimizer, recipe: Recipe):
         optimizer, init_lr=0.0 if sched.warmup_steps else opt.lr, max_lr=opt.lr, min_lr=opt.min_lr,
         lr_warmup_steps=sched.warmup_steps, lr_decay_steps=steps, lr_decay_style=sched.decay,
         start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=steps,
-        wd_incr_style="constant")
+        wd_incr_style="constant",
+        # On resume the recipe's schedule wins (e.g. more train.steps); the step count continues.
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
 
 
 def run(recipe: Recipe) -> dict:
@@ -90,18 +92,26 @@ def run(recipe: Recipe) -> dict:
     resume_from = ckpt.latest_checkpoint(run_dir)
     if resume_from is not None:
         meta = ckpt.load_checkpoint(resume_from, ddp, optimizer, scheduler)
+        if meta["loader"] is None:
+            raise RecipeError(
+                f"{recipe.source}: cannot resume {resume_from} (written at {meta.get('layout')}) "
+                f"at {layout.describe()}: the data position is kept per data-parallel rank, so "
+                "resume at the same data-parallel size, or start a new stage from it with "
+                "checkpoint.init_from")
         start_step = meta["step"]
         resumed_first_eval = meta.get("eval_loss_first")
-        if meta.get("loader") is not None:
-            loader.load_state_dict(meta["loader"])
+        loader.load_state_dict(meta["loader"])
         progress.say(f"resumed from {resume_from} at step {start_step}")
     elif recipe.checkpoint.init_from:
         source = ckpt.latest_checkpoint(recipe.checkpoint.init_from)
-        if source is None:
+        if source is None or not ckpt.is_finished(recipe.checkpoint.init_from):
             raise RecipeError(
-                f"{recipe.source}: checkpoint.init_from: no complete checkpoint under "
-                f"{recipe.checkpoint.init_from} (run the previous stage first)")
+                f"{recipe.source}: checkpoint.init_from: {recipe.checkpoint.init_from} holds no "
+                "finished stage (no summary.json); finish the previous stage first")
         ckpt.load_checkpoint(source, ddp)  # weights only: fresh optimizer and schedule
+        # Mixed precision keeps fp32 main weights made when the optimizer was built: refresh them
+        # from the loaded weights, or the first step would write the random init back.
+        optimizer.reload_model_params()
         progress.say(f"initialised weights from {source}")
     progress.start_step = start_step
 
@@ -121,6 +131,7 @@ def run(recipe: Recipe) -> dict:
     else:
         first_eval = {"eval_loss": resumed_first_eval}
     history, step, last = [], start_step, {}
+    progress.restart_clock()  # throughput and ETA count training, not start-up and evaluation
     saved_step = start_step if resume_from is not None else None
 
     def save(at_step):
@@ -144,7 +155,8 @@ def run(recipe: Recipe) -> dict:
                 raise TrainingStopped(f"{recipe.name}: loss is {last['loss']} at step {step + 1}; "
                                       "stopping (set train.skip_nan_steps=true to skip such steps)")
             progress.say(f"step {step + 1}: loss {last['loss']}, update skipped")
-        scheduler.step(1)
+        if last["update_successful"]:  # as megatron: the schedule advances with real updates
+            scheduler.step(1)
         step += 1
         lr = optimizer.param_groups[0]["lr"]
         history.append(last["loss"])
@@ -155,7 +167,8 @@ def run(recipe: Recipe) -> dict:
             progress.scalars(step, evaluate(), "eval")
         reason = stop.should_stop()
         if reason:
-            save(step)
+            if saved_step != step:
+                save(step)
             progress.say(f"{reason}: saved checkpoint at step {step}, exiting cleanly")
             progress.close()
             return {"stage": recipe.name, "steps": step, "stopped": reason}
@@ -170,6 +183,6 @@ def run(recipe: Recipe) -> dict:
     if first_eval.get("eval_loss") is not None:
         summary["eval_loss_first"] = first_eval["eval_loss"]
     if torch.distributed.get_rank() == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        ckpt.mark_finished(run_dir, summary)
     progress.close()
     return summary

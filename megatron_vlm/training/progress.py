@@ -32,6 +32,9 @@ class Progress:
 
             self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
 
+    def restart_clock(self) -> None:
+        self.t0 = time.monotonic()
+
     def say(self, text: str) -> None:
         if _is_rank0():
             print(f"[{self.name}] {text}", flush=True)

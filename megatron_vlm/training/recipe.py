@@ -90,7 +90,7 @@ class CheckpointSection:
     dir: str                         # this stage's checkpoints
     interval: int = 0                # steps between saves; 0 = only at the end
     init_from: Optional[str] = None  # previous stage's checkpoint dir: weights only
-    keep: int = 2                    # newest checkpoints kept
+    keep: int = 2                    # newest checkpoints kept; 0 keeps all
 
 
 @dataclass
@@ -245,6 +245,21 @@ def _check_values(recipe: Recipe, src: str) -> None:
     if recipe.schedule.warmup_steps >= recipe.train.steps:
         raise RecipeError(f"{src}: schedule.warmup_steps={recipe.schedule.warmup_steps} must be "
                           f"below train.steps={recipe.train.steps}")
+    for key, value in {"checkpoint.keep": recipe.checkpoint.keep,
+                       "checkpoint.interval": recipe.checkpoint.interval,
+                       "eval.interval": recipe.eval.interval}.items():
+        if value < 0:
+            raise RecipeError(f"{src}: {key}: must be >= 0, got {value}")
+    if recipe.eval.batches < 1:
+        raise RecipeError(f"{src}: eval.batches: must be >= 1, got {recipe.eval.batches}")
+    if recipe.parallel.cp > 1:
+        raise RecipeError(f"{src}: parallel.cp: context parallelism is not implemented yet (the "
+                          "Mamba mixer, the data split and the loss reduction lack it); use cp=1")
+    if recipe.parallel.sequence_parallel and recipe.parallel.tp == 1:
+        raise RecipeError(f"{src}: parallel.sequence_parallel: needs tp > 1")
+    if recipe.parallel.sequence_parallel and recipe.data.seq_length % recipe.parallel.tp:
+        raise RecipeError(f"{src}: data.seq_length={recipe.data.seq_length} must be divisible by "
+                          f"parallel.tp={recipe.parallel.tp} with sequence parallelism")
     if not recipe.data.blend:
         raise RecipeError(f"{src}: data.blend: needs at least one dataset")
     for i, ds in enumerate(recipe.data.blend):
@@ -282,11 +297,6 @@ def check_against_world(recipe: Recipe, world_size: int) -> int:
     return layout.dp
 
 
-def resolve_path(recipe: Recipe, value: str) -> Path:
-    """Recipe paths are relative to the working directory (the repo root for the launcher)."""
-    return Path(value).expanduser()
-
-
 def check_paths(recipe: Recipe) -> None:
     """Data, tokenizer and model config must exist before any process starts computing."""
     checks = [("model.config", recipe.model.config), ("data.tokenizer", recipe.data.tokenizer)]
@@ -295,7 +305,7 @@ def check_paths(recipe: Recipe) -> None:
     for key, value in checks:
         if "://" in value or any(c in value for c in "{*"):
             continue  # URLs and brace/glob shard specs are resolved by the loader
-        if not resolve_path(recipe, value).exists():
+        if not Path(value).expanduser().exists():  # relative to the working directory
             raise RecipeError(f"{recipe.source}: {key}: path does not exist: {value}")
     if recipe.train.precision == "fp8":
         try:

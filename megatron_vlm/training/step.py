@@ -8,12 +8,15 @@ from typing import Callable, Iterator, List
 
 import torch
 
+from megatron_vlm.platform import device
+
 
 def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Mean token loss over the positions the mask selects (the model returns per-token losses).
 
-    Returns megatron's ``(loss, reported)`` pair; the schedule divides by the number of
-    microbatches, and DDP averages over data-parallel ranks, so every layout computes the same mean.
+    Returns megatron's ``(loss, reported)`` pair. The schedule divides by the number of
+    microbatches and DDP averages over data-parallel ranks, so the step optimises the mean of the
+    per-microbatch means whatever the layout (for the same microbatches).
     """
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.float().reshape(-1)
@@ -23,10 +26,7 @@ def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def lm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     """Forward step for a decoder that takes (tokens, position_ids, attention_mask, labels)."""
-    batch = next(data_iterator) if data_iterator is not None else None
-    if batch is None:  # middle pipeline stages read no data
-        output = model(None, None, None, labels=None)
-        return output, partial(masked_lm_loss, torch.ones(1))
+    batch = next(data_iterator)  # every stage reads the batch (the loop gives each an iterator)
     output = model(batch["tokens"], batch.get("position_ids"), batch.get("attention_mask"),
                    labels=batch["labels"])
     return output, partial(masked_lm_loss, batch["loss_mask"])
@@ -36,7 +36,7 @@ def _last_stage_mean(losses: List[dict], key: str) -> torch.Tensor:
     """Average the reported loss over microbatches, then share it from the last pipeline stage."""
     from megatron.core import parallel_state
 
-    value = torch.zeros(1, dtype=torch.float64)
+    value = torch.zeros(1, dtype=torch.float64, device=device())  # nccl reduces GPU tensors
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and losses:
         value[0] = torch.stack([d[key].double() for d in losses]).mean()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:

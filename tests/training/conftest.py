@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_vlm.distributed import free_port
 from tests.conftest import build_demo_corpus, repo_like_workdir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +27,7 @@ def workdir(tmp_path, demo_data) -> Path:
 def launch_train(workdir: Path, recipe: str, *overrides: str, nproc: int = 2,
                  check: bool = True, popen: bool = False):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_port", str(_free_port()), "-m", "megatron_vlm.train",
+           "--master_port", str(free_port()), "-m", "megatron_vlm.train",
            "--recipe", f"recipes/tiny/{recipe}.yaml", *overrides]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     if popen:
@@ -47,10 +48,3 @@ def read_log(run_dir: Path) -> dict:
         records[rec["step"]] = rec
     return records
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

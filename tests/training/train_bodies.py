@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import torch
 
@@ -76,7 +77,7 @@ def crash_during_save(root: str) -> dict:
 
     real_save = torch.save
 
-    def crashing_save(*args, **kwargs):  # the model shards are written; the crash comes after
+    def crashing_save(*args, **kwargs):  # the first torch.save inside the save of step 2
         raise RuntimeError("injected crash during checkpoint save")
 
     torch.save = crashing_save
@@ -91,12 +92,16 @@ def crash_during_save(root: str) -> dict:
     fresh = build_gpt(1, 1)
     meta = ckpt.load_checkpoint(latest, [fresh])
     diff = max((p.detach() - saved[n]).abs().max().item() for n, p in fresh.named_parameters())
-    leftovers = sorted(p.name for p in __import__("pathlib").Path(root).iterdir())
+    leftovers = sorted(p.name for p in pathlib.Path(root).iterdir())
     # A later save at the same step succeeds over the debris.
     ckpt.save_checkpoint(root, 2, [model])
+    retry = ckpt.latest_checkpoint(root).name
+    # `latest` naming a directory that is gone: the newest complete checkpoint is used.
+    (pathlib.Path(root) / "latest").write_text("step_0000009\n")
+    fallback = ckpt.latest_checkpoint(root).name
     return {"crashed": crashed, "latest": latest.name, "note": meta.get("note"),
             "max_diff": diff, "entries_after_crash": leftovers,
-            "latest_after_retry": ckpt.latest_checkpoint(root).name}
+            "latest_after_retry": retry, "fallback": fallback}
 
 
 def packed_vs_alone(workdir: str, overrides: list) -> dict:

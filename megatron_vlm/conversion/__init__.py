@@ -1,0 +1,1 @@
+"""Checkpoint conversion between our megatron checkpoints and Hugging Face directories."""
