@@ -33,7 +33,7 @@ def _setup(recipe_path: str, overrides: list):
     from megatron_vlm.training.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
-    initialize_distributed(tp=1, pp=1, cp=1)
+    initialize_distributed(tp=1, pp=1, cp=1, single_process=True)
     from megatron_vlm.training.model_setup import build_model_chunks
 
     chunks, tokenizer, model_cfg = build_model_chunks(recipe)
@@ -103,7 +103,7 @@ def _check_hf_config(hf_dir: Path, vlm_cfg: dict) -> None:
 def import_(args) -> Path:
     from megatron_vlm.conversion import hf
     from megatron_vlm.models.hf_mapping_vision import load_full_state
-    from megatron_vlm.training.checkpoint import save_checkpoint
+    from megatron_vlm.training.checkpoint import mark_finished, save_checkpoint
 
     recipe, chunks, tokenizer, vlm_cfg = _setup(args.recipe, args.overrides)
     hf_dir = Path(args.hf)
@@ -121,6 +121,8 @@ def import_(args) -> Path:
     path = save_checkpoint(args.out, 0, chunks,
                            meta={"recipe": recipe.name, "layout": "tp=1 pp=1",
                                  "imported_from": str(hf_dir.resolve()), "hf_layout": layout})
+    # A finished "stage" as far as checkpoint.init_from is concerned.
+    mark_finished(args.out, {"stage": "imported", "steps": 0, "imported_from": str(hf_dir)})
     print(f"imported {hf_dir} ({layout} layout) -> {path}")
     return path
 
