@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_INDEX ?=
 # Tests that start torchrun use both cores; a single pytest worker keeps them from oversubscribing.
-PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider --durations=10
 
 .PHONY: help venv test test-all demo bench clean
 
