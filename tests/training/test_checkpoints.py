@@ -80,6 +80,13 @@ def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss_and_in_bf16(workdir):
                         "parallel.tp=1", "train.global_batch_size=2", "checkpoint.dir=runs/tp2",
                         *TEXT_DATA, check=False)
     assert proc.returncode != 0 and "resume at the same data-parallel size" in proc.stderr
+    # Same data-parallel size (1), other tensor-parallel size: model and distributed-optimizer
+    # state reshard, and training continues.
+    resumed = launch_train(workdir, "base", "train.steps=4", "schedule.warmup_steps=0",
+                           "parallel.tp=1", "train.global_batch_size=2",
+                           "checkpoint.dir=runs/tp2", *TEXT_DATA, nproc=1)
+    assert "at step 2" in resumed.stdout
+    assert sorted(read_log(workdir / "runs/tp2")) == [1, 2, 3, 4]
 
 
 def test_stage0_changes_only_the_connector(workdir):
