@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -92,7 +93,8 @@ def run(recipe: Recipe) -> dict:
     resume_from = ckpt.latest_checkpoint(run_dir)
     if resume_from is not None:
         meta = ckpt.load_checkpoint(resume_from, ddp, optimizer, scheduler)
-        if meta["loader"] is None:
+        saved_dp = re.search(r"dp=(\d+)", meta.get("layout", ""))
+        if meta["loader"] is None or saved_dp is None or int(saved_dp.group(1)) != layout.dp:
             raise RecipeError(
                 f"{recipe.source}: cannot resume {resume_from} (written at {meta.get('layout')}) "
                 f"at {layout.describe()}: the data position is kept per data-parallel rank, so "
