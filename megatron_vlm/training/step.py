@@ -53,22 +53,11 @@ def train_step(model_chunks: list, optimizer, data_iterator, num_microbatches: i
     A NaN/inf loss leaves the weights untouched (no optimizer step); the caller decides whether
     that stops training.
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    forward_backward = get_forward_backward_func()
-    losses = forward_backward(
-        forward_step_func=forward_step_func,
-        data_iterator=data_iterator,
-        model=model_chunks,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
-    loss = float(_last_stage_mean(losses, "lm loss").item())
+    loss = _scheduled_mean_loss(model_chunks, data_iterator, num_microbatches, seq_length,
+                                micro_batch_size, forward_step_func, forward_only=False)
     if not math.isfinite(loss):  # every rank sees the same reduced loss: all skip the update
         return {"loss": loss, "grad_norm": float("nan"), "update_successful": False}
     update_successful, grad_norm, _ = optimizer.step()
@@ -79,10 +68,17 @@ def train_step(model_chunks: list, optimizer, data_iterator, num_microbatches: i
 @torch.no_grad()
 def eval_step(model_chunks: list, data_iterator, num_microbatches: int, seq_length: int,
               micro_batch_size: int, forward_step_func: Callable = lm_forward_step) -> float:
+    return _scheduled_mean_loss(model_chunks, data_iterator, num_microbatches, seq_length,
+                                micro_batch_size, forward_step_func, forward_only=True)
+
+
+def _scheduled_mean_loss(model_chunks, data_iterator, num_microbatches, seq_length,
+                         micro_batch_size, forward_step_func, forward_only: bool) -> float:
+    """megatron's pipeline schedule over the microbatches; the mean loss, on every rank."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     losses = get_forward_backward_func()(
         forward_step_func=forward_step_func, data_iterator=data_iterator, model=model_chunks,
         num_microbatches=num_microbatches, seq_length=seq_length,
-        micro_batch_size=micro_batch_size, forward_only=True)
+        micro_batch_size=micro_batch_size, forward_only=forward_only)
     return float(_last_stage_mean(losses, "lm loss").item())
