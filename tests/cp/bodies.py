@@ -114,3 +114,48 @@ def cp_matches_single(kind: str, ckpt_dir: str, lengths=None, first_cp: int = 1)
             "worst_grad": worst, "max_grad": max(g.abs().max().item() for g in grads1.values()),
             "num_grads": len(diffs), "tokens": int(batches[0]["tokens"].numel()),
             "targets": int(mask.sum())}
+
+
+def long_and_short_rows(seq: int = 256) -> list:
+    """Two packed rows (microbatches): one long sample, and one short sample then padding."""
+    long_row = packed_text_batch([seq - 8, 8], seed=11)
+    short_row = packed_text_batch([40, seq - 40], seed=12)
+    short_row["loss_mask"][0, 40:] = 0.0  # the rest of the row is padding
+    return [long_row, short_row]
+
+
+def token_mean_across_layouts(ckpt_dir: str) -> dict:
+    """The reported loss of megatron's schedule at DP=2, TP=2, PP=2 and CP=2 from the same
+    weights, and the hand computation (total masked loss / total target count) at DP=2."""
+    from megatron.core import parallel_state
+
+    from megatron_vlm.models.packing import make_packed_seq_params
+    from megatron_vlm.training.step import _scheduled_mean_loss, packed_lm_forward_step
+    from tests.parallel_utils import load_checkpoint, save_checkpoint
+
+    rows = long_and_short_rows()
+    out = {}
+    for name, sizes in (("dp", {}), ("tp", {"tp": 2}), ("pp", {"pp": 2}), ("cp", {"cp": 2})):
+        initialize_distributed(seed=1234, **sizes)
+        model = _build("llm")
+        model.eval()
+        if name == "dp":
+            save_checkpoint(model, ckpt_dir)
+            with torch.no_grad():  # the hand computation, from plain per-token losses
+                sums, counts = [], []
+                for row in rows:
+                    packed = make_packed_seq_params(row["cu_seqlens"])
+                    per_token = model(row["tokens"], None, None, labels=row["labels"],
+                                      packed_seq_params=packed)
+                    sums.append(float((per_token * row["loss_mask"]).sum()))
+                    counts.append(float(row["loss_mask"].sum()))
+            out["hand_token_mean"] = sum(sums) / sum(counts)
+            out["mean_of_row_means"] = sum(s / c for s, c in zip(sums, counts)) / len(rows)
+            out["targets"] = counts
+            mine = [rows[parallel_state.get_data_parallel_rank()]]  # one row per DP rank
+        else:
+            load_checkpoint(model, ckpt_dir)
+            mine = rows
+        out[name] = _scheduled_mean_loss([model], iter(mine), len(mine), rows[0]["tokens"].shape[1],
+                                         1, packed_lm_forward_step, forward_only=True)
+    return out
