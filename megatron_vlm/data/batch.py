@@ -31,6 +31,12 @@ key                 type / shape            meaning
 ``sample_keys``     list[list[str]]         ``dataset/shard/key`` of each sample, per row (tracing).
 ==================  ======================  ===========================================================
 
+With context parallelism the loader pads every sample to a multiple of ``2 * cp``
+(``pad_multiple``): the ``pad_id`` tokens after a sample belong to its segment (in ``cu_seqlens``
+and ``position_ids``), with loss_mask 0. Being after the sample, they never change its losses
+(attention is causal, the Mamba scan runs forward). The model then cuts every segment into
+``2 * cp`` chunks; CP rank r takes chunks r and 2cp-1-r (``models/context_parallel.py``).
+
 Each tile accounts for exactly ``tokens_per_tile = (T / patch / 2) ** 2`` consecutive
 ``<image>`` tokens (256 at T=512, patch 16), so
 ``(tokens == image_id).sum() == tiles.shape[0] * tokens_per_tile``; the model replaces the
@@ -43,10 +49,11 @@ import numpy as np
 import torch
 
 from .image import normalize_tiles
-from .packing import PackedItem
+from .packing import PackedItem, padded_length
 
 
-def collate_rows(rows: list[list[PackedItem]], seq_length: int, pad_id: int, tile_size: int) -> dict:
+def collate_rows(rows: list[list[PackedItem]], seq_length: int, pad_id: int, tile_size: int,
+                 pad_multiple: int = 1) -> dict:
     batch_size = len(rows)
     tokens = np.full((batch_size, seq_length), pad_id, dtype=np.int64)
     labels = np.full((batch_size, seq_length), pad_id, dtype=np.int64)
@@ -64,13 +71,14 @@ def collate_rows(rows: list[list[PackedItem]], seq_length: int, pad_id: int, til
             tokens[b, pos:end] = enc.tokens
             labels[b, pos : end - 1] = enc.tokens[1:]
             loss_mask[b, pos : end - 1] = enc.targets[1:]
-            position_ids[b, pos:end] = np.arange(n)
-            seg_lengths.append(n)
+            occupied = padded_length(n, pad_multiple)  # pad_id tokens after the sample, mask 0
+            position_ids[b, pos : pos + occupied] = np.arange(occupied)
+            seg_lengths.append(occupied)
             if enc.tiles_per_media:
                 tiles.append(item.tiles)
                 tiles_per_media.extend(enc.tiles_per_media)
             row_keys.append(item.key)
-            pos = end
+            pos += occupied
         if pos > seq_length:
             raise ValueError(f"row {b} holds {pos} tokens, more than {seq_length}")
         if pos < seq_length:

@@ -131,6 +131,7 @@ class PackedVLMLoader:
         shuffle_window: int = 256,
         num_epochs: int | None = None,
         max_consecutive_errors: int = 10_000,
+        pad_multiple: int = 1,
     ):
         if not datasets:
             raise ValueError("no datasets")
@@ -164,7 +165,10 @@ class PackedVLMLoader:
         self._counters = {n: dict.fromkeys(COUNTER_NAMES, 0) for n in names}
         self._consecutive_errors = [0] * len(self.specs)
         self._logged: OrderedDict = OrderedDict()  # recently logged (dataset, position): no repeats
-        self._packer = RowPacker(seq_length)
+        if seq_length % pad_multiple:
+            raise ValueError(f"seq_length={seq_length} is not a multiple of pad_multiple={pad_multiple}")
+        self.pad_multiple = pad_multiple  # samples padded to it (2*cp with context parallelism)
+        self._packer = RowPacker(seq_length, pad_multiple)
         self._exhausted = False
 
     # ---- counters ---------------------------------------------------------------------------
@@ -310,7 +314,8 @@ class PackedVLMLoader:
         while len(rows) < B:  # only at the end of a finite pass
             rows.append([])
         self._batches += 1
-        return collate_rows(rows, self.seq_length, self.tokenizer.pad_id, self.tile_size)
+        return collate_rows(rows, self.seq_length, self.tokenizer.pad_id, self.tile_size,
+                            self.pad_multiple)
 
     def close(self) -> None:
         for s in self.streams:

@@ -42,6 +42,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm.models.config import load_config_dict, load_model_config
 from megatron_vlm.models.connector import VisionConnector, build_connector
+from megatron_vlm.models.context_parallel import global_cu_seqlens, shard_sequence, shard_tokens
 from megatron_vlm.models.llm import build_hybrid_llm
 from megatron_vlm.models.packing import make_packed_seq_params
 from megatron_vlm.models.vision.config import load_radio_config
@@ -204,8 +205,13 @@ class NemotronVLModel(MegatronModule):
         (``make_packed_seq_params(cu_seqlens)``) keeps packed samples apart in the LLM.
         """
         decoder_input = None
+        # Context parallelism: the whole sequence is embedded (image embeddings land on their
+        # placeholders wherever the CP split falls), then cut to this rank's tokens.
+        cu_seqlens = global_cu_seqlens(packed_seq_params)
+        labels = shard_tokens(labels, cu_seqlens)
         if self.pre_process:
             decoder_input = self.embed_inputs(input_ids, tiles)
+            decoder_input = shard_sequence(decoder_input, cu_seqlens)
             if self.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         return self.language_model(
@@ -284,7 +290,8 @@ def vlm_forward_step(data_iterator, model: torch.nn.Module):
     packed = make_packed_seq_params(cu_seqlens) if cu_seqlens is not None else None
     output = model(batch["tokens"], tiles=batch.get("tiles"), labels=batch["labels"],
                    packed_seq_params=packed)
-    return output, partial(masked_lm_loss, batch["loss_mask"])
+    # The model returns this context-parallel rank's token losses: take its share of the mask.
+    return output, partial(masked_lm_loss, shard_tokens(batch["loss_mask"], cu_seqlens))
 
 
 def count_parameters(module: Optional[torch.nn.Module]) -> int:

@@ -24,7 +24,8 @@ def _loader(recipe, sources, tokenizer, vision: dict, dp_rank: int, dp_size: int
         specs, tokenizer, seq_length=recipe.data.seq_length,
         micro_batch_size=recipe.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
         tile_size=vision["tile_size"], patch_size=vision["patch_size"],
-        pixel_shuffle_ratio=vision.get("pixel_shuffle_ratio", 0.5), **kwargs)
+        pixel_shuffle_ratio=vision.get("pixel_shuffle_ratio", 0.5),
+        pad_multiple=2 * recipe.parallel.cp if recipe.parallel.cp > 1 else 1, **kwargs)
 
 
 def build_train_loader(recipe, tokenizer, model_cfg: dict, dp_rank: int,

@@ -29,7 +29,8 @@ def build_model_chunks(recipe):
                           f"the model's vocab_size is {llm_vocab}")
     overrides = {"params_dtype": _DTYPES[recipe.train.precision],
                  "use_cpu_initialization": cpu_mode(),
-                 "sequence_parallel": recipe.parallel.sequence_parallel}
+                 "sequence_parallel": recipe.parallel.sequence_parallel,
+                 "cp_comm_type": recipe.parallel.cp_comm_type}
     if recipe.train.precision != "fp32":
         overrides["bf16"] = True
     if recipe.train.precision == "fp8":

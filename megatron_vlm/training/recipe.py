@@ -54,6 +54,7 @@ class ParallelSection:
     cp: int = 1
     vpp: Optional[int] = None
     sequence_parallel: bool = False
+    cp_comm_type: str = "p2p"        # TE's context-parallel attention exchange (GPU): p2p | all_gather | a2a
 
 
 @dataclass
@@ -126,6 +127,7 @@ class Recipe:
 CHOICES = {
     "train.precision": ("fp32", "bf16", "fp8"),
     "schedule.decay": ("cosine", "linear", "constant"),
+    "parallel.cp_comm_type": ("p2p", "all_gather", "a2a"),
 }
 
 
@@ -252,9 +254,7 @@ def _check_values(recipe: Recipe, src: str) -> None:
             raise RecipeError(f"{src}: {key}: must be >= 0, got {value}")
     if recipe.eval.batches < 1:
         raise RecipeError(f"{src}: eval.batches: must be >= 1, got {recipe.eval.batches}")
-    if recipe.parallel.cp > 1:
-        raise RecipeError(f"{src}: parallel.cp: context parallelism is not implemented yet (the "
-                          "Mamba mixer, the data split and the loss reduction lack it); use cp=1")
+    _check_context_parallel(recipe, src)
     if recipe.parallel.sequence_parallel and recipe.parallel.tp == 1:
         raise RecipeError(f"{src}: parallel.sequence_parallel: needs tp > 1")
     if recipe.parallel.sequence_parallel and recipe.data.seq_length % recipe.parallel.tp:
@@ -265,6 +265,48 @@ def _check_values(recipe: Recipe, src: str) -> None:
     for i, ds in enumerate(recipe.data.blend):
         if ds.weight <= 0:
             raise RecipeError(f"{src}: data.blend[{i}].weight: must be > 0, got {ds.weight}")
+
+
+def _check_context_parallel(recipe: Recipe, src: str) -> None:
+    """CP cuts every packed sample into 2*cp chunks (and each rank's share over TP with sequence
+    parallelism), one packed row per micro batch (megatron's THD layout)."""
+    p = recipe.parallel
+    if p.cp == 1:
+        return
+    multiple = 2 * p.cp * (p.tp if p.sequence_parallel else 1)
+    if recipe.data.seq_length % multiple:
+        what = "2 x cp x tp (sequence parallelism)" if p.sequence_parallel else "2 x cp"
+        raise RecipeError(f"{src}: data.seq_length={recipe.data.seq_length} must be divisible by "
+                          f"{what} = {multiple} with parallel.cp={p.cp}")
+    if recipe.train.micro_batch_size != 1:
+        raise RecipeError(f"{src}: train.micro_batch_size={recipe.train.micro_batch_size}: "
+                          f"context parallelism (parallel.cp={p.cp}) takes one packed row per "
+                          "micro batch; use micro_batch_size=1")
+
+
+def check_model_parallel(recipe: Recipe) -> None:
+    """Parallel sizes against the model's heads (needs the model YAML): one line per problem."""
+    from megatron_vlm.models.context_parallel import check_mamba_cp_sizes
+    from megatron_vlm.models.vlm import load_vlm_config
+
+    p = recipe.parallel
+    if p.cp == 1:
+        return
+    llm = load_vlm_config(recipe.model.config)["language_model"]
+    heads, groups = llm["mamba_num_heads"], llm["mamba_num_groups"]
+    if heads is None:
+        heads = 2 * llm["hidden_size"] // llm["mamba_head_dim"]
+    problem = check_mamba_cp_sizes(heads, groups, p.tp, p.cp)
+    if problem:
+        raise RecipeError(f"{recipe.source}: parallel.cp={p.cp}: {problem} "
+                          f"({recipe.model.config}, tp={p.tp})")
+    if p.cp_comm_type == "a2a":
+        for key in ("num_attention_heads", "num_query_groups"):
+            n = llm[key] or llm["num_attention_heads"]
+            if (n // p.tp) % p.cp:
+                raise RecipeError(f"{recipe.source}: parallel.cp_comm_type=a2a: {key}={n} per "
+                                  f"tensor-parallel rank ({n // p.tp}) must be divisible by "
+                                  f"cp={p.cp}; use p2p or all_gather")
 
 
 def load_recipe(path, overrides: Optional[list] = None) -> Recipe:
@@ -307,6 +349,7 @@ def check_paths(recipe: Recipe) -> None:
             continue  # URLs and brace/glob shard specs are resolved by the loader
         if not Path(value).expanduser().exists():  # relative to the working directory
             raise RecipeError(f"{recipe.source}: {key}: path does not exist: {value}")
+    check_model_parallel(recipe)
     if recipe.train.precision == "fp8":
         try:
             import transformer_engine  # noqa: F401
