@@ -35,7 +35,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 
 # Single-process evaluation layout, whatever the stage trained at.
-EVAL_LAYOUT = ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1", "parallel.vpp=null",
+EVAL_LAYOUT = ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1",
                "parallel.sequence_parallel=false"]
 
 

@@ -89,6 +89,87 @@ class HybridStack(MambaStack):
                                            hidden_size=config.hidden_size,
                                            eps=config.layernorm_epsilon)
 
+    # ---- full activation recompute (megatron's MambaStack has none) -------------------------
+    def forward(self, hidden_states, attention_mask, inference_context=None, rotary_pos_emb=None,
+                *, packed_seq_params=None, **kwargs):
+        """megatron's forward, except in training with ``recompute_granularity == "full"``:
+        then chunks of layers keep only their input and run again in the backward pass
+        (``recompute_method`` uniform: every ``recompute_num_layers`` layers; block: the first
+        ``recompute_num_layers`` layers of the stage), as megatron's TransformerBlock does."""
+        if not (self.training and self.config.recompute_granularity == "full"
+                and inference_context is None):
+            return super().forward(hidden_states, attention_mask, inference_context,
+                                   rotary_pos_emb, packed_seq_params=packed_seq_params, **kwargs)
+        return self._checkpointed_forward(hidden_states, attention_mask, packed_seq_params)
+
+    def _run_layers(self, start: int, end: int, hidden_states, attention_mask, packed_seq_params):
+        from contextlib import nullcontext
+
+        from megatron.core.enums import Fp8Recipe
+        from megatron.core.fp8_utils import get_fp8_context
+
+        inner = self.config.fp8 and self.config.fp8_recipe != Fp8Recipe.delayed
+        for layer in self.layers[start:end]:
+            context = get_fp8_context(self.config, layer.layer_number - 1) if inner else nullcontext()
+            with context:
+                if isinstance(layer, TransformerLayer):
+                    hidden_states, _ = layer(hidden_states=hidden_states,
+                                             attention_mask=attention_mask,
+                                             packed_seq_params=packed_seq_params)
+                else:  # MambaLayer, or megatron's MLPLayer / our attention layers' tuples
+                    hidden_states = layer(hidden_states=hidden_states,
+                                          attention_mask=attention_mask,
+                                          packed_seq_params=packed_seq_params)
+            if isinstance(hidden_states, tuple):
+                hidden_states = hidden_states[0]
+        return hidden_states
+
+    def _checkpointed_forward(self, hidden_states, attention_mask, packed_seq_params):
+        from contextlib import nullcontext
+
+        from megatron.core import tensor_parallel
+        from megatron.core.enums import Fp8Recipe
+        from megatron.core.fp8_utils import get_fp8_context
+        from megatron.core.utils import WrappedTensor, make_viewless_tensor
+
+        if not self.pre_process:
+            hidden_states = self.input_tensor
+        if isinstance(hidden_states, WrappedTensor):
+            hidden_states = hidden_states.unwrap()
+        cfg = self.config
+
+        def checkpointed(start, end, hidden):
+            def run(h, mask):
+                return self._run_layers(start, end, h, mask, packed_seq_params)
+
+            if cfg.fp8:  # TransformerEngine's checkpoint keeps the FP8 scaling state consistent
+                from megatron.core.extensions.transformer_engine import te_checkpoint
+
+                return te_checkpoint(run, cfg.distribute_saved_activations,
+                                     tensor_parallel.random.get_cuda_rng_tracker,
+                                     self.pg_collection.tp, hidden, attention_mask)
+            return tensor_parallel.checkpoint(run, cfg.distribute_saved_activations, hidden,
+                                              attention_mask)
+
+        n, k = len(self.layers), cfg.recompute_num_layers
+        outer = get_fp8_context(cfg) if cfg.fp8 and cfg.fp8_recipe == Fp8Recipe.delayed \
+            else nullcontext()
+        with outer:
+            if cfg.recompute_method == "uniform":
+                for start in range(0, n, k):
+                    hidden_states = checkpointed(start, min(start + k, n), hidden_states)
+            else:  # block: the first k layers recomputed, the rest kept
+                for i in range(n):
+                    if i < k:
+                        hidden_states = checkpointed(i, i + 1, hidden_states)
+                    else:
+                        hidden_states = self._run_layers(i, i + 1, hidden_states, attention_mask,
+                                                         packed_seq_params)
+        if self.post_process and self.post_layer_norm:
+            hidden_states = self.final_norm(hidden_states)
+        return make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad,
+                                    keep_graph=True)
+
 
 def resolved_impl(impl: str = "auto") -> str:
     """The implementation ``get_hybrid_stack_spec(impl)`` picks."""

@@ -46,6 +46,7 @@ def build_hybrid_llm(
     impl: str = "auto",
     parallel_output: bool = True,
     pg_collection=None,
+    scatter_embedding_sequence_parallel: bool = True,
     **config_overrides,
 ) -> MambaModel:
     """Build the hybrid LLM for this pipeline stage.
@@ -58,6 +59,9 @@ def build_hybrid_llm(
             (e.g. ``params_dtype="float32"``, ``use_cpu_initialization=True``).
         impl: layer implementation, "auto" (TE with a GPU, else local), "te" or "local".
         parallel_output: keep logits split over TP ranks (what megatron's loss expects).
+        scatter_embedding_sequence_parallel: with sequence parallelism, scatter the embeddings
+            over the sequence (megatron's default); the VLM passes False, it splices image
+            embeddings into the whole sequence and scatters the result itself.
     """
     cfg = load_model_config(model_cfg)
     if config is None:
@@ -88,6 +92,7 @@ def build_hybrid_llm(
         parallel_output=parallel_output,
         share_embeddings_and_output_weights=not cfg["untie_embeddings_and_output_weights"],
         position_embedding_type="none",
+        scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
         **kwargs,
     )
 

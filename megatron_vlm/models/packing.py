@@ -20,11 +20,13 @@ from megatron_vlm.models.ssd_scan import seq_idx_from_cu_seqlens
 
 
 def make_packed_seq_params(cu_seqlens: torch.Tensor, qkv_format: str = "thd",
-                           cu_seqlens_padded: Optional[torch.Tensor] = None) -> PackedSeqParams:
+                           cu_seqlens_padded: Optional[torch.Tensor] = None,
+                           max_seqlen: Optional[int] = None) -> PackedSeqParams:
     """PackedSeqParams for self-attention from cumulative sample lengths (int32, starting at 0).
 
     ``cu_seqlens_padded``: boundaries including per-sample padding (when samples are padded to a
-    multiple, e.g. for TE/CP); the model uses them for positions when given.
+    multiple, e.g. for TE/CP); the model uses them for positions when given. ``max_seqlen``
+    (longest sample, known on the host from the loader) saves a device sync.
     """
     if cu_seqlens_padded is None and _context_parallel_size() > 1:
         # TE's context-parallel THD attention wants the padded boundaries; ours are the same
@@ -33,7 +35,10 @@ def make_packed_seq_params(cu_seqlens: torch.Tensor, qkv_format: str = "thd",
     cu = cu_seqlens.to(torch.int32)
     lengths = (cu[1:] - cu[:-1]) if cu_seqlens_padded is None else (
         cu_seqlens_padded[1:] - cu_seqlens_padded[:-1])
-    max_len = int(lengths.max().item()) if lengths.numel() else 0
+    if max_seqlen is not None:
+        max_len = int(max_seqlen)
+    else:
+        max_len = int(lengths.max().item()) if lengths.numel() else 0
     padded = None if cu_seqlens_padded is None else cu_seqlens_padded.to(torch.int32)
     return PackedSeqParams(
         qkv_format=qkv_format,

@@ -103,13 +103,12 @@ class NemotronVLModel(MegatronModule):
         # megatron's finalize_model_grads reads these from the module that has ``pre_process``.
         self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
         self.sequence_parallel = language_model.config.sequence_parallel
-        if self.pre_process and self.sequence_parallel:
+        if self.pre_process and self.sequence_parallel and \
+                language_model.embedding.scatter_to_sequence_parallel:
             # Image embeddings are written at arbitrary sequence positions, so the text embeddings
             # must come whole; the VLM scatters the spliced result itself (as megatron's LLaVA).
-            embedding = language_model.embedding
-            embedding.reduce_scatter_embeddings = False
-            embedding.word_embeddings.reduce_scatter_embeddings = False
-            embedding.scatter_to_sequence_parallel = False
+            raise ValueError("with sequence parallelism the VLM's LLM must be built with "
+                             "scatter_embedding_sequence_parallel=False (build_vlm does)")
 
     # ---- megatron plumbing ------------------------------------------------------------------
     def shared_embedding_or_output_weight(self):
@@ -239,6 +238,7 @@ def build_vlm(
     impl: str = "auto",
     image_token_id: Optional[int] = None,
     freeze: Optional[Dict[str, bool]] = None,
+    vision_recompute: bool = True,
     **config_overrides,
 ) -> NemotronVLModel:
     """Build this pipeline stage's part of the VLM from a recipe name / YAML path / dict.
@@ -247,14 +247,17 @@ def build_vlm(
     ``params_dtype="float32"``, ``use_cpu_initialization=True``, ``perform_initialization=False``).
     ``image_token_id`` overrides the YAML's (take it from the tokenizer: ``VLMTokenizer.image_id``).
     ``freeze``: e.g. ``{"vision": True, "llm": True}`` for Stage 0.
+    ``vision_recompute=False`` keeps ``recompute_*`` overrides away from the vision tower.
     """
     cfg = load_vlm_config(vlm_cfg)
     language_model = build_hybrid_llm(cfg["language_model"], pre_process, post_process, impl=impl,
+                                      scatter_embedding_sequence_parallel=False,
                                       **config_overrides)
     vision_model = vision_projection = None
     if language_model.pre_process:
         # The tower runs on whole tiles: the LLM's sequence parallelism does not apply to it.
-        vision_overrides = {k: v for k, v in config_overrides.items() if k != "sequence_parallel"}
+        vision_overrides = {k: v for k, v in config_overrides.items() if k != "sequence_parallel"
+                            and (vision_recompute or not k.startswith("recompute_"))}
         vision_model = build_radio_tower(cfg["vision_model"], impl=impl, **vision_overrides)
         vision_projection = build_connector(
             language_model.config,
@@ -278,20 +281,10 @@ def build_vlm(
 
 
 def vlm_forward_step(data_iterator, model: torch.nn.Module):
-    """Forward step for megatron's schedules (``train_step(..., forward_step_func=...)``).
+    """Kept importable here; the forward step lives in ``megatron_vlm.training.vlm_step``."""
+    from megatron_vlm.training.vlm_step import vlm_forward_step as forward_step
 
-    Batches follow the data contract (``tokens``, ``labels``, ``loss_mask``, optional ``tiles``,
-    optional ``cu_seqlens`` for packed rows). Stages that read no data get None.
-    """
-    from megatron_vlm.training.step import masked_lm_loss
-
-    batch = next(data_iterator)  # every stage reads the batch (the loop gives each an iterator)
-    cu_seqlens = batch.get("cu_seqlens")
-    packed = make_packed_seq_params(cu_seqlens) if cu_seqlens is not None else None
-    output = model(batch["tokens"], tiles=batch.get("tiles"), labels=batch["labels"],
-                   packed_seq_params=packed)
-    # The model returns this context-parallel rank's token losses: take its share of the mask.
-    return output, partial(masked_lm_loss, shard_tokens(batch["loss_mask"], cu_seqlens))
+    return forward_step(data_iterator, model)
 
 
 def count_parameters(module: Optional[torch.nn.Module]) -> int:

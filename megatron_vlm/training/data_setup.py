@@ -34,15 +34,20 @@ def build_train_loader(recipe, tokenizer, model_cfg: dict, dp_rank: int,
                    seed=recipe.data.seed)
 
 
-def build_eval_batches(recipe, tokenizer, model_cfg: dict, dp_rank: int, dp_size: int) -> dict:
+def build_eval_batches(recipe, tokenizer, model_cfg: dict, dp_rank: int, dp_size: int,
+                       reader: bool = True) -> dict:
     """Per eval dataset, the first ``eval.batches`` micro-batches of one unshuffled pass.
 
     The same batches are used at every evaluation of the stage, so eval losses are comparable.
     Every DP rank gets the same number of batches (padding with repeats) so the collective
-    schedule stays in step.
+    schedule stays in step. Ranks that are not their group's data reader (``reader=False``) get
+    None placeholders: the reader broadcasts each batch (training/batch_io.py).
     """
     out = {}
     for i, source in enumerate(recipe.data.eval):
+        if not reader:
+            out[_dataset_name(source.path, i).split("-", 1)[1]] = [None] * recipe.eval.batches
+            continue
         loader = _loader(recipe, [source], tokenizer, model_cfg["vision"], dp_rank, dp_size,
                          seed=recipe.data.seed, shuffle=False, num_epochs=1)
         batches = []

@@ -66,15 +66,19 @@ def run(recipe: Recipe) -> dict:
     """Train one stage to ``train.steps`` (or until stopped); returns the stage summary."""
     from megatron.core import parallel_state
 
+    from megatron_vlm.data.prefetch import PrefetchingLoader
+    from megatron_vlm.training import run_report
+    from megatron_vlm.training.batch_io import DATA_WAIT, is_data_reader
     from megatron_vlm.training.data_setup import build_eval_batches, build_train_loader
     from megatron_vlm.training.evaluate import evaluate_losses
-    from megatron_vlm.models.vlm import vlm_forward_step
     from megatron_vlm.training.model_setup import build_model_chunks
+    from megatron_vlm.training.vlm_step import vlm_forward_step
 
     check_paths(recipe)
     check_against_world(recipe, read_launch_env().world_size)  # before any process group starts
     p = recipe.parallel
-    layout = initialize_distributed(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=recipe.train.seed)
+    layout = initialize_distributed(tp=p.tp, pp=p.pp, cp=p.cp, seed=recipe.train.seed)
+    run_report.configure_logging(torch.distributed.get_rank())
     run_dir = Path(recipe.checkpoint.dir)
 
     model_chunks, tokenizer, model_cfg = build_model_chunks(recipe)
@@ -83,7 +87,15 @@ def run(recipe: Recipe) -> dict:
     scheduler = build_scheduler(optimizer, recipe)
 
     dp_rank = parallel_state.get_data_parallel_rank()
-    loader = build_train_loader(recipe, tokenizer, model_cfg, dp_rank, layout.dp)
+    # One rank per model-parallel group reads, decodes and broadcasts (training/batch_io.py),
+    # in a background thread that overlaps the step.
+    reader = is_data_reader()
+    loader = None
+    if reader:
+        loader = PrefetchingLoader(build_train_loader(recipe, tokenizer, model_cfg, dp_rank,
+                                                      layout.dp), depth=2)
+    report = run_report.RunReport(recipe, model_chunks, layout, tokenizer.pad_id)
+    report.write_banner(run_dir, model_cfg["vlm"]["language_model"])
     progress = Progress(recipe.name, recipe.train.steps, 0,
                         tokens_per_step=recipe.train.global_batch_size * recipe.data.seq_length,
                         tensorboard_dir=run_dir / "tensorboard" if recipe.logging.tensorboard else None,
@@ -102,7 +114,8 @@ def run(recipe: Recipe) -> dict:
                 "checkpoint.init_from")
         start_step = meta["step"]
         resumed_first_eval = meta.get("eval_loss_first")
-        loader.load_state_dict(meta["loader"])
+        if loader is not None:
+            loader.load_state_dict(meta["loader"])
         progress.say(f"resumed from {resume_from} at step {start_step}")
     elif recipe.checkpoint.init_from:
         source = ckpt.latest_checkpoint(recipe.checkpoint.init_from)
@@ -120,7 +133,8 @@ def run(recipe: Recipe) -> dict:
     forward_step = vlm_forward_step
     dp_size = layout.dp
     num_micro = recipe.train.global_batch_size // (recipe.train.micro_batch_size * dp_size)
-    eval_batches = build_eval_batches(recipe, tokenizer, model_cfg, dp_rank, dp_size)
+    eval_batches = build_eval_batches(recipe, tokenizer, model_cfg, dp_rank, dp_size,
+                                      reader=reader)
     stop = _StopFlag(recipe.train.max_wall_minutes)
 
     def evaluate():
@@ -140,14 +154,17 @@ def run(recipe: Recipe) -> dict:
         nonlocal saved_step
         saved_step = at_step
         ckpt.save_checkpoint(run_dir, at_step, ddp, optimizer, scheduler,
-                             loader_state=loader.state_dict(),
+                             loader_state=None if loader is None else loader.state_dict(),
                              meta={"recipe": recipe.name, "layout": layout.describe(),
                                    "eval_loss_first": first_eval.get("eval_loss"),
                                    "consumed_samples": at_step * recipe.train.global_batch_size},
                              keep=recipe.checkpoint.keep)
 
     while step < recipe.train.steps:
-        batches = [next(loader) for _ in range(num_micro)]
+        step_start = time.perf_counter()
+        batches = [next(loader) if loader is not None else None for _ in range(num_micro)]
+        fetch_wait = time.perf_counter() - step_start
+        DATA_WAIT.take()
         last = train_step(ddp, optimizer, iter(batches), num_microbatches=num_micro,
                           seq_length=recipe.data.seq_length,
                           micro_batch_size=recipe.train.micro_batch_size,
@@ -162,7 +179,9 @@ def run(recipe: Recipe) -> dict:
         step += 1
         lr = optimizer.param_groups[0]["lr"]
         history.append(last["loss"])
-        progress.train_step(step, last["loss"], lr, last["grad_norm"])
+        metrics = report.step_metrics(step, batches, time.perf_counter() - step_start,
+                                      fetch_wait + DATA_WAIT.take(), loader)
+        progress.train_step(step, last["loss"], lr, last["grad_norm"], metrics)
         if recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0:
             save(step)
         if recipe.eval.interval and step % recipe.eval.interval == 0 and step < recipe.train.steps:
@@ -172,6 +191,8 @@ def run(recipe: Recipe) -> dict:
             if saved_step != step:
                 save(step)
             progress.say(f"{reason}: saved checkpoint at step {step}, exiting cleanly")
+            if loader is not None:
+                loader.close()
             progress.close()
             return {"stage": recipe.name, "steps": step, "stopped": reason}
 
@@ -186,5 +207,7 @@ def run(recipe: Recipe) -> dict:
         summary["eval_loss_first"] = first_eval["eval_loss"]
     if torch.distributed.get_rank() == 0:
         ckpt.mark_finished(run_dir, summary)
+    if loader is not None:
+        loader.close()
     progress.close()
     return summary

@@ -9,18 +9,47 @@ from megatron_vlm.training.recipe import RecipeError
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
+def recompute_overrides(section) -> dict:
+    """The recipe's ``recompute`` section as megatron TransformerConfig fields."""
+    if section.mode == "none":
+        return {}
+    if section.mode == "selective":
+        # megatron's selective recompute: the attention core (softmax(QK^T)V), which holds the
+        # s x s scores; the Mamba layers have no such term.
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    return {"recompute_granularity": "full", "recompute_method": section.method,
+            "recompute_num_layers": section.num_layers}
+
+
+def fp8_overrides(section) -> dict:
+    """The recipe's ``fp8`` section as TransformerConfig fields (TransformerEngine's recipes)."""
+    # The hybrid format (e4m3 forward, e5m2 gradients) for delayed scaling, as in Megatron-LM's
+    # FP8 runs; the block/MX recipes are defined for e4m3.
+    return {"fp8": "hybrid" if section.recipe == "delayed" else "e4m3",
+            "fp8_recipe": section.recipe, "fp8_margin": section.margin,
+            "fp8_amax_history_len": section.amax_history_len}
+
+
+def check_fp8_available(source: str, on_cpu: bool) -> None:
+    """One line instead of an error deep inside the first layer."""
+    if on_cpu:
+        raise RecipeError(f"{source}: train.precision: fp8 needs a GPU with TransformerEngine; "
+                          "CPU runs train in fp32 or bf16")
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        raise RecipeError(f"{source}: train.precision: fp8 needs TransformerEngine, which is not "
+                          "installed (use the Docker image, or bf16)") from None
+
+
 def build_model_chunks(recipe):
     """Returns ([model], tokenizer, model_cfg); model_cfg carries what the data side needs."""
     from megatron_vlm.models.vlm import build_vlm, load_vlm_config
     from megatron_vlm.platform import cpu_mode
     from megatron_vlm.training.data_setup import load_tokenizer
 
-    if recipe.parallel.vpp:
-        raise RecipeError(f"{recipe.source}: parallel.vpp: virtual pipeline stages are not "
-                          "supported by the VLM builder yet")
-    if recipe.train.precision == "fp8" and cpu_mode():
-        raise RecipeError(f"{recipe.source}: train.precision: fp8 needs a GPU with "
-                          "TransformerEngine; CPU runs train in fp32 or bf16")
+    if recipe.train.precision == "fp8":
+        check_fp8_available(recipe.source, cpu_mode())
     tokenizer = load_tokenizer(recipe)
     cfg = load_vlm_config(recipe.model.config)
     llm_vocab = cfg["language_model"]["vocab_size"]
@@ -33,10 +62,12 @@ def build_model_chunks(recipe):
                  "cp_comm_type": recipe.parallel.cp_comm_type}
     if recipe.train.precision != "fp32":
         overrides["bf16"] = True
+    overrides.update(recompute_overrides(recipe.recompute))
     if recipe.train.precision == "fp8":
-        overrides.update(fp8="e4m3", fp8_recipe="blockwise")
+        overrides.update(fp8_overrides(recipe.fp8))
     freeze = {part: True for part in recipe.model.freeze}
-    model = build_vlm(cfg, image_token_id=tokenizer.image_id, freeze=freeze, **overrides)
+    model = build_vlm(cfg, image_token_id=tokenizer.image_id, freeze=freeze,
+                      vision_recompute=recipe.recompute.vision, **overrides)
     if not any(p.requires_grad for p in model.parameters()):
         raise RecipeError(
             f"{recipe.source}: model.freeze={recipe.model.freeze} leaves pipeline stage "

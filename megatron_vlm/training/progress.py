@@ -39,23 +39,45 @@ class Progress:
         if _is_rank0():
             print(f"[{self.name}] {text}", flush=True)
 
-    def train_step(self, step: int, loss: float, lr: float, grad_norm: float) -> None:
-        """``step`` counts finished steps (1-based)."""
+    def train_step(self, step: int, loss: float, lr: float, grad_norm: float,
+                   metrics: Optional[dict] = None) -> None:
+        """``step`` counts finished steps (1-based). ``metrics``: the logging interval's
+        measurements (run_report.RunReport.step_metrics), given at interval ends."""
+        metrics = metrics or {}
         done = step - self.start_step
         elapsed = max(time.monotonic() - self.t0, 1e-9)
-        tokens_per_s = done * self.tokens_per_step / elapsed
+        tokens_per_s = metrics.get("tokens_per_s", done * self.tokens_per_step / elapsed)
         if self.log_file is not None:  # machine-readable history (appended across resumes)
             self.log_file.write(json.dumps({"step": step, "loss": loss, "lr": lr,
-                                            "grad_norm": grad_norm}) + "\n")
+                                            "grad_norm": grad_norm, **metrics}) + "\n")
             self.log_file.flush()
         if self.writer is not None:
-            for key, value in (("train/loss", loss), ("train/lr", lr),
-                               ("train/grad_norm", grad_norm), ("train/tokens_per_s", tokens_per_s)):
+            scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                       "train/tokens_per_s": tokens_per_s}
+            for key, value in metrics.items():
+                if isinstance(value, dict):
+                    scalars.update({f"loader/{k}": v for k, v in value.items()})
+                elif key != "tokens_per_s":
+                    scalars[f"perf/{key}"] = value
+            for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
         if step % self.interval == 0 or step == self.total:
-            eta = datetime.timedelta(seconds=int(elapsed / done * (self.total - step)))
-            self.say(f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | "
-                     f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | ETA {eta}")
+            eta = datetime.timedelta(seconds=int(elapsed / max(done, 1) * (self.total - step)))
+            line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | "
+                    f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | ETA {eta}")
+            if metrics:
+                line += (f" | step {metrics['step_time_s']:.2f}s, data wait "
+                         f"{metrics['data_wait_s']:.3f}s | peak mem "
+                         f"{metrics['peak_memory_gib']:.2f} GiB")
+                if "mfu" in metrics:
+                    line += f" | MFU {100 * metrics['mfu']:.1f}%"
+                counts = metrics.get("loader", {})
+                skipped = {k: v for k, v in counts.items()
+                           if v and k not in ("samples_read", "samples_used")}
+                line += (f" | samples read {counts.get('samples_read', 0)}, used "
+                         f"{counts.get('samples_used', 0)}"
+                         + ("".join(f", {k} {v}" for k, v in skipped.items())))
+            self.say(line)
 
     def scalars(self, step: int, values: dict, prefix: str) -> None:
         if self.writer is not None:

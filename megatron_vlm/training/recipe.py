@@ -52,7 +52,6 @@ class ParallelSection:
     tp: int = 1
     pp: int = 1
     cp: int = 1
-    vpp: Optional[int] = None
     sequence_parallel: bool = False
     cp_comm_type: str = "p2p"        # TE's context-parallel attention exchange (GPU): p2p | all_gather | a2a
 
@@ -66,6 +65,23 @@ class TrainSection:
     seed: int = 1234
     skip_nan_steps: bool = False     # skip a step whose loss is NaN/inf instead of stopping
     max_wall_minutes: Optional[float] = None
+
+
+@dataclass
+class RecomputeSection:
+    """Activation recompute (megatron's recompute_granularity / method / num_layers)."""
+    mode: str = "none"               # none | selective (attention core) | full (whole layers)
+    method: str = "uniform"          # full: uniform (every num_layers-layer chunk) | block
+    num_layers: int = 1              # full: layers per chunk (uniform) / per stage (block)
+    vision: bool = True              # also recompute the vision tower when mode != none
+
+
+@dataclass
+class Fp8Section:
+    """TransformerEngine FP8 settings, used when train.precision == fp8."""
+    recipe: str = "delayed"          # delayed | tensorwise | blockwise | mxfp8
+    margin: int = 0
+    amax_history_len: int = 1024
 
 
 @dataclass
@@ -120,6 +136,8 @@ class Recipe:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    recompute: RecomputeSection = field(default_factory=RecomputeSection)
+    fp8: Fp8Section = field(default_factory=Fp8Section)
     description: str = ""
     source: str = ""                 # the file it came from (filled in by load_recipe)
 
@@ -128,6 +146,9 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp8"),
     "schedule.decay": ("cosine", "linear", "constant"),
     "parallel.cp_comm_type": ("p2p", "all_gather", "a2a"),
+    "recompute.mode": ("none", "selective", "full"),
+    "recompute.method": ("uniform", "block"),
+    "fp8.recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
 }
 
 
@@ -252,6 +273,10 @@ def _check_values(recipe: Recipe, src: str) -> None:
                        "eval.interval": recipe.eval.interval}.items():
         if value < 0:
             raise RecipeError(f"{src}: {key}: must be >= 0, got {value}")
+    for key, value in {"recompute.num_layers": recipe.recompute.num_layers,
+                       "fp8.amax_history_len": recipe.fp8.amax_history_len}.items():
+        if value < 1:
+            raise RecipeError(f"{src}: {key}: must be >= 1, got {value}")
     if recipe.eval.batches < 1:
         raise RecipeError(f"{src}: eval.batches: must be >= 1, got {recipe.eval.batches}")
     _check_context_parallel(recipe, src)
@@ -327,7 +352,7 @@ def check_against_world(recipe: Recipe, world_size: int) -> int:
 
     p = recipe.parallel
     try:
-        layout = check_parallel_sizes(world_size, p.tp, p.pp, p.cp, p.vpp)
+        layout = check_parallel_sizes(world_size, p.tp, p.pp, p.cp)
     except ParallelConfigError as e:
         raise RecipeError(f"{recipe.source}: parallel: {e}") from None
     per_step = recipe.train.micro_batch_size * layout.dp

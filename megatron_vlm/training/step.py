@@ -32,9 +32,11 @@ def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def lm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     """Forward step for a decoder that takes (tokens, position_ids, attention_mask, labels)."""
-    batch = next(data_iterator)  # every stage reads the batch (the loop gives each an iterator)
-    output = model(batch["tokens"], batch.get("position_ids"), batch.get("attention_mask"),
-                   labels=batch["labels"])
+    from megatron_vlm.training.batch_io import get_batch
+
+    batch = get_batch(data_iterator)  # read once per model-parallel group, on the device
+    output = model(batch.get("tokens"), batch.get("position_ids"), batch.get("attention_mask"),
+                   labels=batch.get("labels"))
     return output, partial(masked_lm_loss, batch["loss_mask"])
 
 

@@ -1,0 +1,26 @@
+"""The VLM's forward step for megatron's schedules (``train_step(..., forward_step_func=...)``)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from megatron_vlm.models.context_parallel import shard_tokens
+from megatron_vlm.models.packing import make_packed_seq_params
+from megatron_vlm.training.batch_io import get_batch
+from megatron_vlm.training.step import masked_lm_loss
+
+
+def vlm_forward_step(data_iterator, model: torch.nn.Module):
+    """Batches follow the data contract (``tokens``, ``labels``, ``loss_mask``, optional ``tiles``,
+    optional ``cu_seqlens``/``max_seqlen`` for packed rows); ``get_batch`` gives each pipeline
+    stage what it uses, on the device."""
+    batch = get_batch(data_iterator)
+    cu_seqlens, packed = batch.get("cu_seqlens"), None
+    if cu_seqlens is not None:  # max_seqlen comes from the host-side batch: no device sync
+        packed = make_packed_seq_params(cu_seqlens, max_seqlen=batch.get("max_seqlen"))
+    output = model(batch.get("tokens"), tiles=batch.get("tiles"), labels=batch.get("labels"),
+                   packed_seq_params=packed)
+    # The model returns this context-parallel rank's token losses: take its share of the mask.
+    return output, partial(masked_lm_loss, shard_tokens(batch.get("loss_mask"), cu_seqlens))
