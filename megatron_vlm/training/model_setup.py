@@ -35,7 +35,8 @@ def build_model_chunks(recipe):
     if recipe.train.precision == "fp8":
         overrides.update(fp8="e4m3", fp8_recipe="blockwise")
     freeze = {part: True for part in recipe.model.freeze}
-    model = build_vlm(cfg, image_token_id=tokenizer.image_id, freeze=freeze, **overrides)
+    model = build_vlm(cfg, image_token_id=tokenizer.image_id, img_end_token_id=tokenizer.img_end_id,
+                      freeze=freeze, **overrides)
     if not any(p.requires_grad for p in model.parameters()):
         raise RecipeError(
             f"{recipe.source}: model.freeze={recipe.model.freeze} leaves pipeline stage "
