@@ -49,7 +49,8 @@ def sample_times(start: float, end: float, fps: float = 2.0, max_frames: int = 1
     if fps <= 0 or max_frames < 1:
         raise ValueError("fps must be > 0 and max_frames >= 1")
     duration = end - start
-    count = int(np.ceil(duration * fps - 1e-9))  # t_k = start + k/fps < end
+    # t_k = start + k/fps < end - 10 ms: container time bases (1 ms in WebM) round durations up
+    count = int(np.ceil((duration - 0.01) * fps - 1e-9))
     count = max(count, 1)
     if count > max_frames:
         step = duration / max_frames

@@ -96,7 +96,6 @@ def decode_pyav(data: bytes, indices: list[int], times_all: list[float]) -> tupl
             if position is None or target - position > _SEEK_GAP_S:
                 seek_pts = int((target + (offset or 0.0)) / base)
                 container.seek(seek_pts, stream=stream, backward=True, any_frame=False)
-            progressed = False
             try:
                 for frame in container.decode(stream):
                     decoded += 1
@@ -106,18 +105,19 @@ def decode_pyav(data: bytes, indices: list[int], times_all: list[float]) -> tupl
                         offset = frame.pts * base
                     t = frame.pts * base - offset
                     position = t
+                    matched = False
                     # match by time: the plan's times come from the same packet timestamps
                     while k < len(wanted) and times_all[wanted[k]] <= t + 1e-6:
                         if abs(times_all[wanted[k]] - t) <= 1e-6:
                             got[wanted[k]] = frame.to_ndarray(format="rgb24")
                         k += 1
-                        progressed = True
-                    if k == len(wanted) or times_all[wanted[k]] - t > _SEEK_GAP_S:
-                        break
+                        matched = True
+                    if k == len(wanted) or (matched and times_all[wanted[k]] - t > _SEEK_GAP_S):
+                        break  # done, or the next sampled frame is far: seek to it
+                else:
+                    break  # end of the stream
             except av.error.FFmpegError as exc:
                 raise VideoError("corrupt_video", f"cannot decode frames: {exc}") from exc
-            if not progressed:
-                break
     missing = [i for i in wanted if i not in got]
     if missing:
         raise VideoError("corrupt_video", f"frames {missing[:5]} could not be decoded (truncated file?)")
