@@ -29,7 +29,7 @@ from megatron_vlm.data.tiling import TilingConfig
 
 from .records import BuildOptions, RecordError, build_sample, sample_members
 
-SKIP_KINDS = ("missing_image", "corrupt_image", "bad_record", "missing_video", "bad_video")
+SKIP_KINDS = ("missing_image", "corrupt_image", "bad_record")  # + missing_video, bad_video when met
 
 _worker_state: dict = {}
 
@@ -102,7 +102,7 @@ def build_shards(input_path: str, out_dir: str, *, tiling: TilingConfig = Tiling
     try:
         for line_no, status, payload, n_tiles in results:
             if status != "ok":
-                skipped[status] += 1
+                skipped[status] = skipped.get(status, 0) + 1
                 log(f"skip {source_name}:{line_no}: {payload}")
                 continue
             if writer is None:
