@@ -39,6 +39,7 @@ def fit_to_length(sample: EncodedSample, seq_length: int) -> FitResult:
         targets=sample.targets[:seq_length],
         tiles_per_media=sample.tiles_per_media,
         last_media_token=sample.last_media_token,
+        media_tokens=sample.media_tokens,
     )
     return FitResult(cut, truncated=True)
 

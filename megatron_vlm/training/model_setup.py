@@ -66,8 +66,8 @@ def build_model_chunks(recipe):
     if recipe.train.precision == "fp8":
         overrides.update(fp8_overrides(recipe.fp8))
     freeze = {part: True for part in recipe.model.freeze}
-    model = build_vlm(cfg, image_token_id=tokenizer.image_id, freeze=freeze,
-                      vision_recompute=recipe.recompute.vision, **overrides)
+    model = build_vlm(cfg, image_token_id=tokenizer.image_id, img_end_token_id=tokenizer.img_end_id,
+                      freeze=freeze, vision_recompute=recipe.recompute.vision, **overrides)
     if not any(p.requires_grad for p in model.parameters()):
         raise RecipeError(
             f"{recipe.source}: model.freeze={recipe.model.freeze} leaves pipeline stage "

@@ -125,6 +125,15 @@ class EvalSection:
 
 
 @dataclass
+class VideoSection:
+    fps: float = 2.0                 # frames sampled per second of a clip
+    max_frames: int = 128            # longer clips: this many frames spread uniformly
+    evs_rate: float = 0.0            # EVS pruning rate q of video tokens (0 = off), train and eval
+    evs_rate_sampling: str = "fixed"  # fixed | beta (training: a per-sample rate around evs_rate)
+    backend: str = "auto"            # auto | dali_gpu | dali_cpu | pyav (video_decode.py)
+
+
+@dataclass
 class Recipe:
     name: str
     model: ModelSection
@@ -138,6 +147,7 @@ class Recipe:
     eval: EvalSection = field(default_factory=EvalSection)
     recompute: RecomputeSection = field(default_factory=RecomputeSection)
     fp8: Fp8Section = field(default_factory=Fp8Section)
+    video: VideoSection = field(default_factory=VideoSection)
     description: str = ""
     source: str = ""                 # the file it came from (filled in by load_recipe)
 
@@ -149,6 +159,8 @@ CHOICES = {
     "recompute.mode": ("none", "selective", "full"),
     "recompute.method": ("uniform", "block"),
     "fp8.recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
+    "video.evs_rate_sampling": ("fixed", "beta"),
+    "video.backend": ("auto", "dali_gpu", "dali_cpu", "pyav"),
 }
 
 
@@ -290,6 +302,11 @@ def _check_values(recipe: Recipe, src: str) -> None:
     for i, ds in enumerate(recipe.data.blend):
         if ds.weight <= 0:
             raise RecipeError(f"{src}: data.blend[{i}].weight: must be > 0, got {ds.weight}")
+    video = recipe.video
+    if video.fps <= 0 or video.max_frames < 1:
+        raise RecipeError(f"{src}: video: need fps > 0 and max_frames >= 1, got {video.fps}, {video.max_frames}")
+    if not 0.0 <= video.evs_rate < 1.0:
+        raise RecipeError(f"{src}: video.evs_rate: must be in [0, 1), got {video.evs_rate}")
 
 
 def _check_context_parallel(recipe: Recipe, src: str) -> None:

@@ -21,6 +21,7 @@ def vlm_forward_step(data_iterator, model: torch.nn.Module):
     if cu_seqlens is not None:  # max_seqlen comes from the host-side batch: no device sync
         packed = make_packed_seq_params(cu_seqlens, max_seqlen=batch.get("max_seqlen"))
     output = model(batch.get("tokens"), tiles=batch.get("tiles"), labels=batch.get("labels"),
-                   packed_seq_params=packed)
+                   packed_seq_params=packed, tiles_per_media=batch.get("tiles_per_media"),
+                   media_tokens=batch.get("media_tokens"))
     # The model returns this context-parallel rank's token losses: take its share of the mask.
     return output, partial(masked_lm_loss, shard_tokens(batch.get("loss_mask"), cu_seqlens))
