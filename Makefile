@@ -7,13 +7,14 @@ TORCH_INDEX ?=
 # Tests that start torchrun use both cores; a single pytest worker keeps them from oversubscribing.
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider --durations=10
 
-.PHONY: help venv test test-all demo bench clean
+.PHONY: help venv test test-all demo bench clean golden
 
 help:
 	@echo "make demo      - set up, generate demo data, run the tiny Stage 0-4 recipes on CPU"
 	@echo "make test      - set up and run the test suite (under 15 minutes on 2 cores)"
 	@echo "make test-all  - also the slow tests"
 	@echo "make bench     - benchmarks, written to bench/results.md"
+	@echo "make golden    - regenerate the golden losses (tests/golden/*.json) after a numerics change"
 
 venv: $(STAMP)
 
@@ -40,3 +41,7 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Regenerate tests/golden/*.json (golden losses) after an intended change of numerics.
+golden: venv
+	$(PY) -m tests.golden.update

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,9 +181,13 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        raise RecipeError(f"{path}: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections")
     base = raw.pop("base", None)
@@ -191,17 +196,31 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     return _deep_merge(_read_yaml((path.parent / base).resolve(), seen + (path,)), raw)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, and what (PyYAML's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    return f"not valid YAML: {where}{what}"
+
+
 def apply_override(raw: dict, override: str, source: str) -> None:
     if "=" not in override:
         raise RecipeError(f"{source}: override {override!r} must look like section.key=value")
     dotted, value = override.split("=", 1)
     keys = dotted.strip().split(".")
+    if not all(k.strip() for k in keys):
+        raise RecipeError(f"{source}: override {override!r}: empty key (section.key=value)")
     node = raw
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise RecipeError(f"{source}: override {dotted}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(value)
+    try:
+        node[keys[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: override {dotted}: value {value!r} is {_yaml_problem(e)}") \
+            from None
 
 
 def _type_name(tp) -> str:
@@ -240,6 +259,8 @@ def _build(cls, raw, where: str, source: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in raw:
+        if not isinstance(key, str):
+            raise RecipeError(f"{source}: {where or 'recipe'}: key {key!r} is not a name")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -258,7 +279,58 @@ def _build(cls, raw, where: str, source: str):
     return cls(**kwargs)
 
 
+def _check_finite(node, where: str, src: str) -> None:
+    """Every float anywhere in the recipe (all sections, also ones added later) is finite."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _check_finite(getattr(node, f.name), ".".join(filter(None, [where, f.name])), src)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_finite(item, f"{where}[{i}]", src)
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise RecipeError(f"{src}: {where}: must be a finite number, got {node}")
+
+
+def _check_ranges(recipe: Recipe, src: str) -> None:
+    """Values whose sign or range the types cannot express."""
+    o, t = recipe.optimizer, recipe.train
+    rules = [
+        ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optimizer.adam_beta1", o.adam_beta1, 0 <= o.adam_beta1 < 1, "in [0, 1)"),
+        ("optimizer.adam_beta2", o.adam_beta2, 0 <= o.adam_beta2 < 1, "in [0, 1)"),
+        ("optimizer.adam_eps", o.adam_eps, o.adam_eps > 0, "> 0"),
+        ("optimizer.clip_grad", o.clip_grad, o.clip_grad >= 0, ">= 0 (0 disables clipping)"),
+        ("schedule.warmup_steps", recipe.schedule.warmup_steps,
+         recipe.schedule.warmup_steps >= 0, ">= 0"),
+        ("train.seed", t.seed, t.seed >= 0, ">= 0"),
+        ("data.seed", recipe.data.seed, recipe.data.seed >= 0, ">= 0"),
+        ("data.tile_size", recipe.data.tile_size, recipe.data.tile_size >= 1, ">= 1"),
+        ("eval.max_new_tokens", recipe.eval.max_new_tokens, recipe.eval.max_new_tokens >= 1,
+         ">= 1"),
+    ]
+    if t.max_wall_minutes is not None:
+        rules.append(("train.max_wall_minutes", t.max_wall_minutes, t.max_wall_minutes > 0, "> 0"))
+    if recipe.parallel.vpp is not None:
+        rules.append(("parallel.vpp", recipe.parallel.vpp, recipe.parallel.vpp >= 1, ">= 1"))
+    for key, value, ok, rule in rules:
+        if not ok:
+            raise RecipeError(f"{src}: {key}: must be {rule}, got {value}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise RecipeError(f"{src}: train.global_batch_size={t.global_batch_size} is not a "
+                          f"multiple of train.micro_batch_size={t.micro_batch_size}")
+    for key, value in (("checkpoint.dir", recipe.checkpoint.dir), ("model.config", recipe.model.config),
+                       ("data.tokenizer", recipe.data.tokenizer)):
+        if not value.strip():
+            raise RecipeError(f"{src}: {key}: must not be empty")
+    for section in ("blend", "eval"):
+        for i, ds in enumerate(getattr(recipe.data, section)):
+            if not ds.path.strip() or any(not part.strip() for part in ds.path.split("::")):
+                raise RecipeError(f"{src}: data.{section}[{i}].path: empty path in {ds.path!r}")
+
+
 def _check_values(recipe: Recipe, src: str) -> None:
+    _check_finite(recipe, "", src)
+    _check_ranges(recipe, src)
     positive = {"train.steps": recipe.train.steps,
                 "train.global_batch_size": recipe.train.global_batch_size,
                 "train.micro_batch_size": recipe.train.micro_batch_size,
@@ -386,11 +458,12 @@ def check_paths(recipe: Recipe) -> None:
     checks = [("model.config", recipe.model.config), ("data.tokenizer", recipe.data.tokenizer)]
     checks += [(f"data.blend[{i}].path", d.path) for i, d in enumerate(recipe.data.blend)]
     checks += [(f"data.eval[{i}].path", d.path) for i, d in enumerate(recipe.data.eval)]
-    for key, value in checks:
-        if "://" in value or any(c in value for c in "{*"):
-            continue  # URLs and brace/glob shard specs are resolved by the loader
-        if not Path(value).expanduser().exists():  # relative to the working directory
-            raise RecipeError(f"{recipe.source}: {key}: path does not exist: {value}")
+    for key, spec in checks:
+        for value in spec.split("::"):  # `a.tar::b.tar`: a list of shards, as the loader reads it
+            if "://" in value or any(c in value for c in "{*"):
+                continue  # URLs and brace/glob shard specs are resolved by the loader
+            if not Path(value).expanduser().exists():  # relative to the working directory
+                raise RecipeError(f"{recipe.source}: {key}: path does not exist: {value}")
     check_model_parallel(recipe)
     if recipe.train.precision == "fp8":
         try:
