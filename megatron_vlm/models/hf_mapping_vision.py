@@ -72,7 +72,8 @@ _CONNECTOR_RENAMES = {
 # HF keys that carry no weights of ours; checked or dropped on import.
 _DROPPED = {
     "released": (r"radio_model\.input_conditioner\.norm_(mean|std)", r"radio_model\.summary_idxs",
-                 r"radio_model\.model\.patch_generator\.video_embedder\..*"),
+                 r"radio_model\.model\.patch_generator\.video_embedder\..*",
+                 r"radio_model\.model\.blocks\.\d+\.layer_scale[12]\.lambda1"),
     "transformers": (r"input_conditioner\.norm_(mean|std)", r"summary_idxs",
                      r"embeddings\.video_patch_projection\..*", r"encoder\.layer\.\d+\.layer_scale[12]\.lambda1"),
 }
