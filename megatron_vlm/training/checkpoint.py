@@ -35,6 +35,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from megatron_vlm.training import checkpoint_meta
+
 LATEST = "latest"
 MANIFEST = "manifest.json"
 
@@ -391,6 +393,7 @@ def save_checkpoint(root, step: int, model_chunks: list, optimizer=None, schedul
         if scheduler is not None:
             record["scheduler"] = scheduler.state_dict()
         (tmp / "meta.json").write_text(json.dumps(record, indent=1))
+        checkpoint_meta.write(tmp)  # recipe + model config: the checkpoint describes itself
         # Re-saving a step: move the old copy aside, so a complete one exists at every moment.
         aside = root / f"{name}.old"
         if final.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_vlm.training import checkpoint_meta
 from megatron_vlm.training.recipe import RecipeError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
@@ -78,6 +79,7 @@ def build_model_chunks(recipe):
         # megatron's mixed-precision wrapper: bf16 compute, fp32 loss; the optimizer keeps fp32
         # main weights.
         model = Float16Module(model.language_model.config, model)
+    checkpoint_meta.register(recipe, cfg, tokenizer)  # written into every checkpoint
     model_cfg = {"vision": {"tile_size": recipe.data.tile_size,
                             "patch_size": cfg["vision_model"]["patch_size"],
                             "pixel_shuffle_ratio": cfg["downsample_ratio"]},
