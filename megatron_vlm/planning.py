@@ -443,7 +443,7 @@ class Plan:
         if self.fits:
             return head
         if self.suggestions:
-            return head + "; smallest change that fits: " + self.suggestions[0]
+            return head + "; smallest change that fits: " + "; or ".join(self.suggestions)
         return head + "; no change tried fits"
 
     def report(self) -> str:
