@@ -310,8 +310,6 @@ def _check_ranges(recipe: Recipe, src: str) -> None:
     ]
     if t.max_wall_minutes is not None:
         rules.append(("train.max_wall_minutes", t.max_wall_minutes, t.max_wall_minutes > 0, "> 0"))
-    if recipe.parallel.vpp is not None:
-        rules.append(("parallel.vpp", recipe.parallel.vpp, recipe.parallel.vpp >= 1, ">= 1"))
     for key, value, ok, rule in rules:
         if not ok:
             raise RecipeError(f"{src}: {key}: must be {rule}, got {value}")

@@ -39,7 +39,6 @@ BAD_VALUES = {  # override -> words of the one-line error
     "eval.batches=-1": "eval.batches: must be >= 1",
     "checkpoint.keep=-1": "checkpoint.keep: must be >= 0",
     "checkpoint.dir=' '": "checkpoint.dir: must not be empty",
-    "parallel.vpp=0": "parallel.vpp: must be >= 1, got 0",
     "logging.interval=0": "logging.interval: must be >= 1",
 }
 BAD_OVERRIDES = {
