@@ -32,6 +32,12 @@ def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def lm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     """Forward step for a decoder that takes (tokens, position_ids, attention_mask, labels)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_context_parallel_world_size() > 1:
+        raise NotImplementedError("lm_forward_step does not split batches for context parallelism "
+                                  "(an explicit attention mask cannot be split); use "
+                                  "packed_lm_forward_step")
     batch = next(data_iterator)  # every stage reads the batch (the loop gives each an iterator)
     output = model(batch["tokens"], batch.get("position_ids"), batch.get("attention_mask"),
                    labels=batch["labels"])
