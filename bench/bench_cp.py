@@ -37,7 +37,7 @@ def measure(cp: int, length: int, steps: int) -> dict:
     model = build_hybrid_llm("nemotron_h_tiny", impl="local", params_dtype=torch.float32,
                              use_cpu_initialization=True)
     ddp = wrap_with_ddp([model], distributed_optimizer=False)
-    optimizer = build_optimizer(ddp, OptimizerSection(lr=1e-4))
+    optimizer = build_optimizer(ddp, OptimizerSection(lr=1e-4, distributed=False))
     unit = 2 * cp
     first, second = (length * 5 // 8) // unit * unit, (length // 4) // unit * unit
     batch = packed_text_batch([first, second, length - first - second])

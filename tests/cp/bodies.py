@@ -61,7 +61,7 @@ def _loss_and_grads(model, batches, forward_step) -> tuple:
     from megatron_vlm.training.step import _scheduled_mean_loss
 
     ddp = wrap_with_ddp([model], distributed_optimizer=False)
-    build_optimizer(ddp, OptimizerSection(lr=1e-3))  # installs finalize_model_grads
+    build_optimizer(ddp, OptimizerSection(lr=1e-3, distributed=False))  # finalize_model_grads
     ddp[0].zero_grad_buffer()
     loss = _scheduled_mean_loss(ddp, iter(batches), len(batches), batches[0]["tokens"].shape[1],
                                 1, forward_step, forward_only=False)
