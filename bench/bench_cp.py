@@ -3,8 +3,8 @@
 The tiny hybrid LLM trains on one packed row of ``--length`` tokens (3 samples of uneven lengths).
 CP=1 runs it on both processes as two data-parallel ranks (each holds the whole row), CP=2 splits
 the row over the two (each holds half) -- the same cores doing half the CP=1 work. Each layout is
-a fresh ``torchrun`` so the peak resident (``ru_maxrss``) is that layout's own; "growth" is the peak minus the memory after the model and
-optimizer were built, i.e. mostly activations.
+a fresh ``torchrun``, so the peak resident memory (``ru_maxrss``) is that layout's own; "growth"
+is the peak minus the memory after the model and optimizer were built, i.e. mostly activations.
 
     python -m bench.bench_cp --out results.md [--length 8192] [--steps 3]
 """
