@@ -19,6 +19,7 @@ boundaries are ``cu_seqlens // cp``.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -75,7 +76,13 @@ def partition_index(cu_seqlens: torch.Tensor, total_tokens: int, cp_size: int,
     chunk precedes the second in the sample, the rank's tokens in global order are already in its
     local order.
     """
-    cu = cu_seqlens.to(torch.int64).cpu()
+    # Every Mamba layer and attention layer asks for the same few batches' indices: cache them.
+    return _partition_index(tuple(cu_seqlens.tolist()), total_tokens, cp_size, cp_rank)
+
+
+@functools.lru_cache(maxsize=64)
+def _partition_index(cu_seqlens: tuple, total_tokens: int, cp_size: int, cp_rank: int):
+    cu = torch.tensor(cu_seqlens, dtype=torch.int64)
     if int(cu[-1]) != total_tokens:
         raise ValueError(f"cu_seqlens end at {int(cu[-1])}, the sequence has {total_tokens} tokens")
     check_divisible(cu, cp_size)

@@ -32,8 +32,14 @@ def masked_lm_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def lm_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     """Forward step for a decoder that takes (tokens, position_ids, attention_mask, labels)."""
+    from megatron.core import parallel_state
+
     from megatron_vlm.training.batch_io import get_batch
 
+    if parallel_state.get_context_parallel_world_size() > 1:
+        raise NotImplementedError("lm_forward_step does not split batches for context parallelism "
+                                  "(an explicit attention mask cannot be split); use "
+                                  "packed_lm_forward_step")
     batch = get_batch(data_iterator)  # read once per model-parallel group, on the device
     output = model(batch.get("tokens"), batch.get("position_ids"), batch.get("attention_mask"),
                    labels=batch.get("labels"))

@@ -61,23 +61,24 @@ def _loss_and_grads(model, batches, forward_step) -> tuple:
     from megatron_vlm.training.step import _scheduled_mean_loss
 
     ddp = wrap_with_ddp([model], distributed_optimizer=False)
-    build_optimizer(ddp, OptimizerSection(lr=1e-3))  # installs finalize_model_grads
+    build_optimizer(ddp, OptimizerSection(lr=1e-3, distributed=False))  # finalize_model_grads
     ddp[0].zero_grad_buffer()
     loss = _scheduled_mean_loss(ddp, iter(batches), len(batches), batches[0]["tokens"].shape[1],
                                 1, forward_step, forward_only=False)
     return loss, _grads(model)
 
 
-def _build(kind: str):
+def _build(kind: str, sequence_parallel: bool = False):
+    extra = {"sequence_parallel": True} if sequence_parallel else {}
     if kind == "llm":
         from megatron_vlm.models.llm import build_hybrid_llm
 
         return build_hybrid_llm("nemotron_h_tiny", impl="local", params_dtype=torch.float32,
-                                use_cpu_initialization=True)
+                                use_cpu_initialization=True, **extra)
     from megatron_vlm.models.vlm import build_vlm
 
     return build_vlm("vlm_tiny", impl="local", image_token_id=IMAGE_TOKEN_ID,
-                     use_cpu_initialization=True)
+                     use_cpu_initialization=True, **extra)
 
 
 def _forward_step(kind: str):
@@ -90,16 +91,17 @@ def _forward_step(kind: str):
     return vlm_forward_step
 
 
-def cp_matches_single(kind: str, ckpt_dir: str, lengths=None, first_cp: int = 1) -> dict:
+def cp_matches_single(kind: str, ckpt_dir: str, lengths=None, first_cp: int = 1, tp: int = 1,
+                      pp: int = 1, sequence_parallel: bool = False) -> dict:
     """Loss and gradients at CP=1 and CP=2 from the same weights (passed through a checkpoint
-    written at ``first_cp`` and loaded at the other size)."""
+    written at ``first_cp`` and loaded at the other size), both at the given TP/PP sizes."""
     from tests.parallel_utils import load_checkpoint, save_checkpoint
 
     batches = [packed_text_batch(lengths)] if kind == "llm" else [vlm_batch()]
     results = {}
     for phase, cp in enumerate((first_cp, 3 - first_cp)):
-        initialize_distributed(cp=cp, seed=1234)
-        model = _build(kind)
+        initialize_distributed(cp=cp, tp=tp, pp=pp, seed=1234)
+        model = _build(kind, sequence_parallel)
         model.eval()  # no dropout; gradients are as in training
         if phase == 0:
             save_checkpoint(model, ckpt_dir)

@@ -47,3 +47,14 @@ def test_per_token_loss_is_the_token_mean_at_every_layout(tmp_path):
     assert abs(res["mean_of_row_means"] - hand) > 1e-3, res
     for layout in ("dp", "tp", "pp", "cp"):
         assert abs(res[layout] - hand) <= TOL, (layout, res)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [{"tp": 2, "sequence_parallel": True}, {"pp": 2}])
+def test_cp2_with_tp_or_pp_matches_cp1_on_4_processes(tmp_path, layout):
+    """CP together with TP (sequence parallel) or PP: CP=2 x TP/PP=2 against CP=1 x TP/PP=2."""
+    results = run_multiproc("tests.cp.bodies:cp_matches_single", nproc=4, timeout=1800,
+                            kind="vlm", ckpt_dir=str(tmp_path / "ckpt"), first_cp=2, **layout)
+    for res in results:
+        assert abs(res["loss_cp1"] - res["loss_cp2"]) <= TOL, res
+        assert res["max_grad_diff"] <= TOL, res
