@@ -68,7 +68,7 @@ def run(recipe: Recipe) -> dict:
 
     from megatron_vlm.data.prefetch import PrefetchingLoader
     from megatron_vlm.training import run_report
-    from megatron_vlm.training.batch_io import DATA_WAIT, is_data_reader
+    from megatron_vlm.training.batch_io import DATA_WAIT, distribute_step_batches, is_data_reader
     from megatron_vlm.training.data_setup import build_eval_batches, build_train_loader
     from megatron_vlm.training.evaluate import evaluate_losses
     from megatron_vlm.training.model_setup import build_model_chunks
@@ -138,7 +138,8 @@ def run(recipe: Recipe) -> dict:
     stop = _StopFlag(recipe.train.max_wall_minutes)
 
     def evaluate():
-        return evaluate_losses(ddp, eval_batches, forward_step, recipe.data.seq_length,
+        placed = {name: distribute_step_batches(batches) for name, batches in eval_batches.items()}
+        return evaluate_losses(ddp, placed, forward_step, recipe.data.seq_length,
                                recipe.train.micro_batch_size)
 
     if start_step == 0:
@@ -162,7 +163,8 @@ def run(recipe: Recipe) -> dict:
 
     while step < recipe.train.steps:
         step_start = time.perf_counter()
-        batches = [next(loader) if loader is not None else None for _ in range(num_micro)]
+        fetched = [next(loader) if loader is not None else None for _ in range(num_micro)]
+        batches = distribute_step_batches(fetched)  # header and text tensors to the group
         fetch_wait = time.perf_counter() - step_start
         DATA_WAIT.take()
         last = train_step(ddp, optimizer, iter(batches), num_microbatches=num_micro,
@@ -179,7 +181,7 @@ def run(recipe: Recipe) -> dict:
         step += 1
         lr = optimizer.param_groups[0]["lr"]
         history.append(last["loss"])
-        metrics = report.step_metrics(step, batches, time.perf_counter() - step_start,
+        metrics = report.step_metrics(step, fetched, time.perf_counter() - step_start,
                                       fetch_wait + DATA_WAIT.take(), loader)
         progress.train_step(step, last["loss"], lr, last["grad_norm"], metrics)
         if recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0:
