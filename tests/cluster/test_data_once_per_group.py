@@ -22,9 +22,12 @@ COMMON = ["checkpoint.init_from=null", f"train.steps={STEPS}", "train.global_bat
 def _run(workdir, name, every_rank: bool, layout=("parallel.tp=2",)):
     os.environ[READ_ON_EVERY_RANK_ENV] = "1" if every_rank else "0"  # launch_train passes environ
     try:
-        launch_train(workdir, "stage1", *layout, f"checkpoint.dir=runs/{name}", *COMMON)
+        proc = launch_train(workdir, "stage1", *layout, f"checkpoint.dir=runs/{name}", *COMMON)
     finally:
         os.environ.pop(READ_ON_EVERY_RANK_ENV)
+    # the start-up banner, once (rank 0), and the interval line with the new measurements
+    assert proc.stdout.count("estimated memory per rank") == 1, proc.stdout[-3000:]
+    assert "data wait" in proc.stdout and "samples read" in proc.stdout
     return read_log(workdir / "runs" / name)
 
 
