@@ -88,12 +88,13 @@ def run(recipe: Recipe) -> dict:
 
     dp_rank = parallel_state.get_data_parallel_rank()
     # One rank per model-parallel group reads, decodes and broadcasts (training/batch_io.py),
-    # in a background thread that overlaps the step.
+    # in a background thread that overlaps the step: up to one step's micro-batches ahead.
     reader = is_data_reader()
     loader = None
     if reader:
+        per_step = recipe.train.global_batch_size // (recipe.train.micro_batch_size * layout.dp)
         loader = PrefetchingLoader(build_train_loader(recipe, tokenizer, model_cfg, dp_rank,
-                                                      layout.dp), depth=2)
+                                                      layout.dp), depth=min(max(2, per_step), 32))
     report = run_report.RunReport(recipe, model_chunks, layout, tokenizer.pad_id)
     report.write_banner(run_dir, model_cfg["vlm"]["language_model"])
     progress = Progress(recipe.name, recipe.train.steps, 0,
