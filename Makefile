@@ -7,7 +7,7 @@ TORCH_INDEX ?=
 # Tests that start torchrun use both cores; a single pytest worker keeps them from oversubscribing.
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider --durations=10
 
-.PHONY: help venv test test-all test-gpu demo bench clean
+.PHONY: help venv test test-all test-gpu demo bench clean golden
 
 help:
 	@echo "make demo      - set up, generate demo data, run the tiny Stage 0-4 recipes on CPU"
@@ -15,6 +15,7 @@ help:
 	@echo "make test-all  - also the slow tests"
 	@echo "make test-gpu  - GPU smoke tests (in the Docker image; skipped without CUDA)"
 	@echo "make bench     - benchmarks, written to bench/results.md"
+	@echo "make golden    - regenerate the golden losses (tests/golden/*.json) after a numerics change"
 
 venv: $(STAMP)
 
@@ -47,3 +48,7 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Regenerate tests/golden/*.json (golden losses) after an intended change of numerics.
+golden: venv
+	$(PY) -m tests.golden.update

@@ -29,7 +29,7 @@ from megatron_vlm.data.tiling import TilingConfig
 
 from .records import BuildOptions, RecordError, build_sample, sample_members
 
-SKIP_KINDS = ("missing_image", "corrupt_image", "bad_record")
+SKIP_KINDS = ("missing_image", "corrupt_image", "bad_record")  # + missing_video, bad_video when met
 
 _worker_state: dict = {}
 
@@ -63,7 +63,7 @@ def _read_lines(path: str):
 def build_shards(input_path: str, out_dir: str, *, tiling: TilingConfig = TilingConfig(),
                  samples_per_shard: int = 256, max_shard_bytes: int | None = None, workers: int = 1,
                  image_format: str = "png", jpeg_quality: int = 95, image_root: str | None = None,
-                 prefix: str = "shard", log=None) -> dict:
+                 prefix: str = "shard", log=None, transcode: str | None = None) -> dict:
     """Write the shards and the manifest; returns the manifest (which holds the summary)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if samples_per_shard < 1:
@@ -73,7 +73,7 @@ def build_shards(input_path: str, out_dir: str, *, tiling: TilingConfig = Tiling
     os.makedirs(out_dir, exist_ok=True)
     source_name = os.path.basename(input_path)
     options = BuildOptions(tiling=tiling, image_format=image_format, jpeg_quality=jpeg_quality,
-                           image_root=image_root, source_name=source_name)
+                           image_root=image_root, source_name=source_name, transcode=transcode)
     base_dir = os.path.dirname(os.path.abspath(input_path))
     skipped = dict.fromkeys(SKIP_KINDS, 0)
     shards: list[dict] = []
@@ -102,7 +102,7 @@ def build_shards(input_path: str, out_dir: str, *, tiling: TilingConfig = Tiling
     try:
         for line_no, status, payload, n_tiles in results:
             if status != "ok":
-                skipped[status] += 1
+                skipped[status] = skipped.get(status, 0) + 1
                 log(f"skip {source_name}:{line_no}: {payload}")
                 continue
             if writer is None:
@@ -159,12 +159,14 @@ def main(argv=None) -> int:
     p.add_argument("--image-format", choices=("png", "jpeg"), default="png")
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--image-root", default=None, help="base for relative media paths (default: JSONL folder)")
+    p.add_argument("--transcode", choices=("vp9",), default=None,
+                   help="re-encode videos (e.g. for DALI's CPU decoder, which has no H.264)")
     args = p.parse_args(argv)
     tiling = TilingConfig(args.tile_size, args.min_tiles, args.max_tiles, not args.no_thumbnail)
     manifest = build_shards(args.input, args.out, tiling=tiling, samples_per_shard=args.samples_per_shard,
                             max_shard_bytes=args.max_shard_bytes, workers=args.workers,
                             image_format=args.image_format, jpeg_quality=args.jpeg_quality,
-                            image_root=args.image_root, prefix=args.prefix)
+                            image_root=args.image_root, prefix=args.prefix, transcode=args.transcode)
     print(json.dumps({"num_samples": manifest["num_samples"], "num_shards": len(manifest["shards"]),
                       "skipped": manifest["skipped"]}))
     return 0

@@ -10,8 +10,9 @@ Tasks:
 - chart: bar chart with value labels; highest bar, or a bar's value.
 - table: a small grid table; look up a cell.
 - multi_image: two images with a coloured shape and a digit; compare them.
-- video: 4-6 frames (2 fps) of a shape moving in one direction, or of a changing digit; name the
-  direction, or the last digit.
+- video: encoded clips (H.264 / VP9, 5-60 s, mixed and one variable frame rate) of shapes moving,
+  appearing or disappearing on a static background; name the direction, count the shapes, say
+  which appears first or which disappears.
 - text: instructions with computable answers (arithmetic, reversing, sorting, counting),
   a few with a reasoning trace under ``/think``.
 - code: chunks of the running interpreter's standard library, as plain ``text`` documents; eval
@@ -26,6 +27,7 @@ import random
 import sysconfig
 from functools import lru_cache
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 FONT_DIR = "/usr/share/fonts/truetype/dejavu"
@@ -241,44 +243,116 @@ def make_multi_image(rng: random.Random, n: int, image_dir: str, prefix: str) ->
 
 # ---- video -------------------------------------------------------------------------------------
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
+VIDEO_SIZE = 64
+VIDEO_FPS = (8, 10, 12, 15)  # source frame rates, mixed
+VIDEO_DURATIONS = (5, 6, 8, 10, 12, 15, 20, 30, 45, 60)  # seconds; long ones are rarer
+_DURATION_WEIGHTS = (4, 4, 4, 4, 3, 3, 2, 1, 1, 1)
+
+
+def _draw_shape(d: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, r: int = 8) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        d.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        d.rectangle(box, fill=COLOURS[colour])
+    else:
+        d.polygon(((cx, cy - r - 1), (cx + r + 1, cy + r), (cx - r - 1, cy + r)), fill=COLOURS[colour])
+
+
+def _background(rng: random.Random) -> Image.Image:
+    """A static scene: a light wash with a few grey blocks (EVS prunes what never changes)."""
+    img = Image.new("RGB", (VIDEO_SIZE, VIDEO_SIZE), tuple(rng.randint(215, 250) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(3):
+        x, y, g = rng.randrange(VIDEO_SIZE), rng.randrange(VIDEO_SIZE), rng.randint(150, 200)
+        d.rectangle((x, y, x + rng.randint(4, 12), y + rng.randint(4, 12)), fill=(g, g, g))
+    return img
+
+
+def _video_story(rng: random.Random, colours: list) -> tuple[str, str, list]:
+    """(question, answer, objects); each object: shape, colour, appear/disappear fractions of the
+    clip, start and end positions. Events fall at coarse fractions so that 16 uniformly spread
+    frames see them."""
+    kind = rng.randrange(4)
+    picks = rng.sample([(s, c) for s in SHAPES for c in colours], 4)
+    if kind == 0:  # motion
+        direction = rng.choice(list(DIRECTIONS))
+        dx, dy = DIRECTIONS[direction]
+        shape, colour = picks[0]
+        x0 = 12 if dx > 0 else (52 if dx < 0 else rng.randint(14, 50))
+        y0 = 12 if dy > 0 else (52 if dy < 0 else rng.randint(14, 50))
+        obj = (shape, colour, 0.0, 1.0, (x0, y0), (x0 + 40 * dx, y0 + 40 * dy))
+        return f"In which direction does the {shape} move? Answer left, right, up or down.", direction, [obj]
+    if kind == 1:  # count appearing shapes
+        count = rng.randint(1, 4)
+        spots = [(16, 16), (48, 16), (16, 48), (48, 48)]
+        rng.shuffle(spots)
+        objs = [(s, c, rng.choice((0.0, 0.25, 0.5)), 1.0, spots[k], spots[k]) for k, (s, c) in enumerate(picks[:count])]
+        return "How many shapes appear in the video?", str(count), objs
+    (s1, c1), (s2, c2) = picks[:2]
+    if kind == 2:  # order of appearance
+        t1, t2 = rng.choice((0.1, 0.2)), rng.choice((0.5, 0.6))
+        objs = [(s1, c1, t1, 1.0, (18, 32), (18, 32)), (s2, c2, t2, 1.0, (46, 32), (46, 32))]
+        rng.shuffle(objs)
+        return (f"Which appears first, the {objs[0][1]} {objs[0][0]} or the {objs[1][1]} {objs[1][0]}?",
+                f"{c1} {s1}", objs)
+    gone = rng.choice((0.35, 0.5, 0.65))  # one of two shapes disappears
+    objs = [(s1, c1, 0.0, gone, (18, 32), (18, 32)), (s2, c2, 0.0, 1.0, (46, 32), (46, 32))]
+    rng.shuffle(objs)
+    return (f"Which shape disappears, the {objs[0][1]} {objs[0][0]} or the {objs[1][1]} {objs[1][0]}?",
+            f"{c1} {s1}", objs)
+
+
+def _frame_times(rng: random.Random, duration: float, fps: int, variable: bool) -> list[float]:
+    if not variable:
+        return [k / fps for k in range(int(duration * fps))]
+    times, t = [], 0.0  # variable frame rate: intervals of 1, 2 or 4 frame periods
+    while t < duration - 1e-9:
+        times.append(round(t, 3))
+        t += rng.choice((1, 2, 4)) / fps
+    return times
+
+
+def render_clip(rng: random.Random, duration: float, fps: int, variable: bool, objs: list) -> tuple[list, list]:
+    background = _background(rng)
+    times = _frame_times(rng, duration, fps, variable)
+    frames = []
+    for t in times:
+        f = t / duration
+        img = background.copy()
+        d = ImageDraw.Draw(img)
+        for shape, colour, appear, disappear, (x0, y0), (x1, y1) in objs:
+            if appear <= f < disappear:
+                _draw_shape(d, shape, colour, x0 + (x1 - x0) * f, y0 + (y1 - y0) * f)
+        frames.append(np.asarray(img))
+    return frames, times
 
 
 def make_video(rng: random.Random, n: int, image_dir: str, prefix: str) -> list[dict]:
-    """Frames are written to image_dir; each record references them as one video at 2 fps."""
-    records = []
+    """Real encoded clips (H.264 .mp4 and VP9 .webm, alternating; mixed frame rates; the first
+    clip has a variable frame rate) of 64 px shapes appearing, disappearing or moving on a static
+    background, 5-60 s long; questions about motion, count and order. Clips go to
+    ``<task>/clips`` next to ``image_dir``."""
+    from megatron_vlm.data.video_encode import encode_frames
+
+    clip_dir = os.path.join(os.path.dirname(image_dir), "clips")
+    os.makedirs(clip_dir, exist_ok=True)
     colours = [c for c in COLOURS if c != "black"]
+    records = []
     for i in range(n):
-        n_frames = rng.randint(4, 6)
-        colour, shape = rng.choice(colours), rng.choice(SHAPES)
-        frames = []
-        if rng.random() < 0.6:
-            direction = rng.choice(list(DIRECTIONS))
-            dx, dy = DIRECTIONS[direction]
-            step = 36 // (n_frames - 1)
-            x0 = 14 if dx > 0 else (50 if dx < 0 else rng.randint(14, 50))
-            y0 = 14 if dy > 0 else (50 if dy < 0 else rng.randint(14, 50))
-            for k in range(n_frames):
-                img = Image.new("RGB", (64, 64), "white")
-                cx, cy = x0 + dx * step * k, y0 + dy * step * k
-                d = ImageDraw.Draw(img)
-                box = (cx - 10, cy - 10, cx + 10, cy + 10)
-                if shape == "circle":
-                    d.ellipse(box, fill=COLOURS[colour])
-                elif shape == "square":
-                    d.rectangle(box, fill=COLOURS[colour])
-                else:
-                    d.polygon(((cx, cy - 11), (cx + 11, cy + 10), (cx - 11, cy + 10)), fill=COLOURS[colour])
-                frames.append(img)
-            q, a = f"In which direction does the {shape} move? Answer left, right, up or down.", direction
-        else:
-            digits = [rng.randint(0, 9) for _ in range(n_frames)]
-            frames = [_shape_image(rng, shape, colour, d) for d in digits]
-            q, a = "What number is shown in the last frame of the video?", str(digits[-1])
-        paths = [_save(f, image_dir, f"{prefix}{i:06d}_f{k}.png") for k, f in enumerate(frames)]
-        rec = {"messages": [{"role": "system", "content": NO_THINK}, {"role": "user", "content": "<video>\n" + q},
-                            {"role": "assistant", "content": a}],
-               "videos": [{"frames": paths, "timestamps": [0.5 * k for k in range(n_frames)]}]}
-        records.append({"id": f"{prefix}{i:06d}", "task": "video", "answer": a, **rec})
+        question, answer, objs = _video_story(rng, colours)
+        duration = rng.choices(VIDEO_DURATIONS, _DURATION_WEIGHTS)[0]
+        fps = rng.choice(VIDEO_FPS) if duration <= 20 else 8  # long clips: fewer frames to encode
+        frames, times = render_clip(rng, duration, fps, i == 0, objs)
+        codec = ("h264", "vp9")[i % 2]
+        name = f"{prefix}{i:06d}.{'mp4' if codec == 'h264' else 'webm'}"
+        with open(os.path.join(clip_dir, name), "wb") as f:
+            f.write(encode_frames(frames, times, codec))
+        rec = {"messages": [{"role": "system", "content": NO_THINK},
+                            {"role": "user", "content": "<video>\n" + question},
+                            {"role": "assistant", "content": answer}],
+               "videos": [{"type": "video", "source": f"clips/{name}"}]}
+        records.append({"id": f"{prefix}{i:06d}", "task": "video", "answer": answer, **rec})
     return records
 
 

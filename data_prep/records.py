@@ -8,11 +8,18 @@ Accepted input, one JSON object per line (paths relative to the JSONL file, or t
      "images": ["images/x1.png"]}
     {"id": "v1", "messages": [...a user turn with "<video>"...],
      "videos": [{"frames": ["clip/f0.png", "clip/f1.png"], "timestamps": [0.0, 0.5]}]}
+    {"id": "v2", "messages": [...a user turn with "<video>"...],
+     "videos": [{"type": "video", "source": "clips/a.mp4", "start": 2.0, "end": 14.5}]}
     {"id": "doc1", "text": "plain document: loss on every token"}
 
 ``conversations`` is accepted for ``messages``, and LLaVA-style turns ``{"from": "human"|"gpt"|
 "system", "value": ...}`` for ``{"role", "content"}``. When a record has images but no ``<image>``
 placeholder, one ``<image>\\n`` per image is put at the start of the first user turn.
+
+A video given by ``source`` (an encoded file; ``start``/``end`` in seconds optional) is probed once
+(codec, duration, fps, frame count go into the metadata), its sampled frames are test-decoded, and
+its bytes are stored as they are (or re-encoded with ``--transcode vp9``); the loader samples and
+decodes it. Unusable videos are reported like bad images (``missing_video``, ``bad_video``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from megatron_vlm.data.schema import (
     frame_member,
     tile_member,
     validate_metadata,
+    video_member,
 )
 from megatron_vlm.data.tiling import TilingConfig, resize_frame, tile_image
 
@@ -54,6 +62,7 @@ class BuildOptions:
     jpeg_quality: int = 95
     image_root: str | None = None  # base for relative media paths (default: the JSONL's folder)
     source_name: str = ""  # recorded in metadata (the JSONL's file name, not its absolute path)
+    transcode: str | None = None  # re-encode videos with this codec ("vp9") before storing
 
     @property
     def ext(self) -> str:
@@ -145,6 +154,11 @@ def build_sample(record: dict, line: int, base_dir: str, options: BuildOptions) 
                           "grid": list(tiled.grid), "thumbnail": tiled.has_thumbnail, "tiles": names})
         else:
             video = next(video_iter)
+            if isinstance(video, str) or (isinstance(video, dict) and "frames" not in video and "source" in video):
+                item, name, data = _encoded_video(video, m, base, options)
+                members.append((name, data))
+                media.append(item)
+                continue
             frames = video.get("frames") or []
             times = video.get("timestamps") or [0.5 * i for i in range(len(frames))]  # 2 fps default
             if not frames or len(times) != len(frames):
@@ -162,6 +176,41 @@ def build_sample(record: dict, line: int, base_dir: str, options: BuildOptions) 
     except SchemaError as exc:
         raise RecordError("bad_record", str(exc)) from exc
     return meta, members
+
+
+def _encoded_video(video, media_index: int, base: str, options: BuildOptions) -> tuple[dict, str, bytes]:
+    """(media item, member name, bytes) for a video given as an encoded file."""
+    from megatron_vlm.data.video import VideoError, clip_bounds, probe
+    from megatron_vlm.data.video_decode import decode_clip
+    from megatron_vlm.data.video_encode import transcode
+
+    video = {"source": video} if isinstance(video, str) else video
+    src = video["source"]
+    path = _resolve(src, base)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as exc:
+        raise RecordError("missing_video", f"missing video {path}") from exc
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    try:
+        info = probe(data)
+        start, end = clip_bounds(info, video.get("start"), video.get("end"))
+        if options.transcode:
+            data, ext = transcode(data, options.transcode), "webm"
+            info = probe(data)
+        # decode the frames the loader will sample (default 2 fps), small: catches damage now
+        decode_clip(data, tile_size=8, start=start, end=end, codec=info.codec, backend="pyav")
+    except VideoError as exc:
+        raise RecordError("bad_video", f"video {path}: {exc.kind}: {exc}") from exc
+    except ValueError as exc:  # e.g. transcoding a file without decodable frames
+        raise RecordError("bad_video", f"video {path}: {exc}") from exc
+    if not re.fullmatch(r"[a-z0-9]{1,8}", ext):
+        ext = "bin"
+    name = video_member(media_index, ext)
+    item = {"type": "video", "source": src, "member": name, "start": round(start, 6), "end": round(end, 6),
+            "probe": info.to_dict()}
+    return item, name, data
 
 
 def _split_placeholders(text: str) -> list[str]:

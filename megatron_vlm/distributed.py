@@ -9,6 +9,7 @@ that a wrong layout fails at start-up with one readable message.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -162,3 +163,86 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# ---- one rank's error stops the whole job -------------------------------------------------------
+# A rank that fails records it in the rendezvous store (torchrun's agent store, else rank 0's),
+# prints its message if it is the first to fail, and exits at once. Every other rank watches that
+# key from a thread and exits quietly: the job stops within about a second, with one message,
+# instead of the other ranks hanging in a collective or dying later on "Connection closed by peer".
+_FAILED_KEY = "megatron_vlm/failed_rank"
+_FAILURES_KEY = "megatron_vlm/failures"
+_EXITED_KEY = "megatron_vlm/exited_after_failure"
+
+
+def _store_client(launch: LaunchEnv, timeout_s: float):
+    try:
+        return torch.distributed.TCPStore(launch.master_addr, launch.master_port, is_master=False,
+                                          timeout=datetime.timedelta(seconds=timeout_s),
+                                          wait_for_workers=False)
+    except (RuntimeError, OSError):  # no store server (yet, or any more)
+        return None
+
+
+def _store_in_agent() -> bool:
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def watch_for_failures(launch: LaunchEnv, poll_s: float = 0.5) -> None:
+    """Start a daemon thread that ends this process quietly once another rank has failed."""
+    import threading
+    import time
+
+    if launch.world_size == 1:
+        return
+
+    def watch():
+        store = None
+        while True:
+            time.sleep(poll_s)
+            if store is None:
+                store = _store_client(launch, timeout_s=2)
+                continue
+            try:
+                failed = store.check([_FAILED_KEY])
+            except (RuntimeError, OSError):
+                store = None  # the store's host went away: reconnect (or the job is ending)
+                continue
+            if failed:
+                with contextlib.suppress(RuntimeError, OSError):
+                    store.add(_EXITED_KEY, 1)
+                os._exit(1)  # the failed rank prints why; nothing to add here
+
+    threading.Thread(target=watch, name="failure-watch", daemon=True).start()
+
+
+def fail_job(message: str, exit_code: int, launch: LaunchEnv) -> None:
+    """Print ``message`` (only if this is the job's first failing rank), stop every rank, exit."""
+    import sys
+    import time
+
+    first = True
+    store = None
+    if launch.world_size > 1:
+        hosted_here = launch.rank == 0 and not _store_in_agent()
+        if _store_in_agent() or torch.distributed.is_initialized():
+            store = _store_client(launch, timeout_s=5)
+        if store is not None:
+            try:
+                first = store.add(_FAILURES_KEY, 1) == 1
+                store.set(_FAILED_KEY, str(launch.rank))
+            except (RuntimeError, OSError):
+                pass
+        else:
+            first = launch.rank == 0  # no store to agree on: the same error on every rank
+    if first:
+        print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if store is not None and hosted_here:
+        # This process serves the store: keep it up until the others have seen the failure.
+        deadline = time.monotonic() + 10
+        with contextlib.suppress(RuntimeError, OSError):
+            while store.add(_EXITED_KEY, 0) < launch.world_size - 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+    os._exit(exit_code)  # no teardown: collectives with the other ranks would hang or fail

@@ -32,31 +32,71 @@ def main(argv=None) -> int:
                              "ranks (default: the launcher's world size, else 1)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
+    from megatron_vlm.distributed import fail_job, read_launch_env
+
+    launch = read_launch_env()
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.validate_only:
-            from megatron_vlm.distributed import read_launch_env
-            from megatron_vlm.training.recipe import check_against_world, check_paths
+        code = _run(args)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - every error ends the job, reported once
+        message, code = _describe(e)
+        if launch.world_size > 1:
+            fail_job(message, code, launch)  # does not return: the other ranks stop too
+        print(message, file=sys.stderr, flush=True)
+        return code
+    return code
 
-            check_paths(recipe)
-            world = args.world_size or read_launch_env().world_size
-            dp = check_against_world(recipe, world)
-            print(f"{args.recipe}: ok ({world} ranks, data-parallel {dp})")
-            return 0
-        from megatron_vlm.training.loop import TrainingStopped, run
 
-        try:
-            summary = run(recipe)
-        except TrainingStopped as e:
-            print(f"training stopped: {e}", file=sys.stderr)
-            return 3
-        if summary.get("stopped"):
-            # Not finished: a non-zero exit keeps job chains (Slurm afterok) from moving on;
-            # running the same command again resumes from the checkpoint just written.
-            return EXIT_INTERRUPTED
-    except RecipeError as e:
-        print(f"recipe error: {e}", file=sys.stderr)
-        return 2
+def _describe(error: BaseException) -> tuple[str, int]:
+    """One message and exit code per kind of error; a traceback only for unexpected ones."""
+    import traceback
+
+    from megatron_vlm.training.checkpoint import CheckpointError
+    from megatron_vlm.training.loop import TrainingStopped
+
+    rank = launch_rank()
+    where = f"[rank {rank}] " if rank is not None else ""
+    if isinstance(error, RecipeError):  # the same on every rank
+        return f"recipe error: {error}", 2
+    if isinstance(error, TrainingStopped):
+        return f"{where}training stopped: {error}", 3
+    if isinstance(error, CheckpointError):
+        return f"{where}checkpoint error: {error}", 4
+    if isinstance(error, KeyboardInterrupt):
+        return f"{where}interrupted", 130
+    trace = "".join(traceback.format_exception(error)).rstrip()
+    return f"{where}failed:\n{trace}", 1
+
+
+def launch_rank():
+    """This process's rank in a multi-process job, else None."""
+    from megatron_vlm.distributed import read_launch_env
+
+    launch = read_launch_env()
+    return launch.rank if launch.world_size > 1 else None
+
+
+def _run(args) -> int:
+    from megatron_vlm.distributed import read_launch_env, watch_for_failures
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.validate_only:
+        from megatron_vlm.training.recipe import check_against_world, check_paths
+
+        check_paths(recipe)
+        world = args.world_size or read_launch_env().world_size
+        dp = check_against_world(recipe, world)
+        print(f"{args.recipe}: ok ({world} ranks, data-parallel {dp})")
+        return 0
+    from megatron_vlm.training.loop import run
+
+    watch_for_failures(read_launch_env())
+    summary = run(recipe)
+    if summary.get("stopped"):
+        # Not finished: a non-zero exit keeps job chains (Slurm afterok) from moving on;
+        # running the same command again resumes from the checkpoint just written.
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -28,8 +28,17 @@ key                 type / shape            meaning
                                             image: grid tiles row-major, then the thumbnail; per
                                             video: one tile per frame). ``[0, 3, T, T]`` if none.
 ``tiles_per_media`` LongTensor [M]          tiles of each image/video, in the same order.
+``media_tokens``    LongTensor [M]          ``<image>`` tokens of each media: tiles x tokens_per_tile,
+                                            fewer for a video pruned by EVS (see models/vlm.py);
+                                            -1 = tiles x tokens_per_tile.
 ``sample_keys``     list[list[str]]         ``dataset/shard/key`` of each sample, per row (tracing).
 ==================  ======================  ===========================================================
+
+With context parallelism the loader pads every sample to a multiple of ``2 * cp``
+(``pad_multiple``): the ``pad_id`` tokens after a sample belong to its segment (in ``cu_seqlens``
+and ``position_ids``), with loss_mask 0. Being after the sample, they never change its losses
+(attention is causal, the Mamba scan runs forward). The model then cuts every segment into
+``2 * cp`` chunks; CP rank r takes chunks r and 2cp-1-r (``models/context_parallel.py``).
 
 Each tile accounts for exactly ``tokens_per_tile = (T / patch / 2) ** 2`` consecutive
 ``<image>`` tokens (256 at T=512, patch 16), so
@@ -43,17 +52,18 @@ import numpy as np
 import torch
 
 from .image import normalize_tiles
-from .packing import PackedItem
+from .packing import PackedItem, padded_length
 
 
-def collate_rows(rows: list[list[PackedItem]], seq_length: int, pad_id: int, tile_size: int) -> dict:
+def collate_rows(rows: list[list[PackedItem]], seq_length: int, pad_id: int, tile_size: int,
+                 pad_multiple: int = 1) -> dict:
     batch_size = len(rows)
     tokens = np.full((batch_size, seq_length), pad_id, dtype=np.int64)
     labels = np.full((batch_size, seq_length), pad_id, dtype=np.int64)
     loss_mask = np.zeros((batch_size, seq_length), dtype=np.float32)
     position_ids = np.zeros((batch_size, seq_length), dtype=np.int64)
     seg_lengths: list[int] = []
-    tiles, tiles_per_media, keys = [], [], []
+    tiles, tiles_per_media, media_tokens, keys = [], [], [], []
     for b, row in enumerate(rows):
         pos = 0
         row_keys = []
@@ -64,13 +74,16 @@ def collate_rows(rows: list[list[PackedItem]], seq_length: int, pad_id: int, til
             tokens[b, pos:end] = enc.tokens
             labels[b, pos : end - 1] = enc.tokens[1:]
             loss_mask[b, pos : end - 1] = enc.targets[1:]
-            position_ids[b, pos:end] = np.arange(n)
-            seg_lengths.append(n)
+            occupied = padded_length(n, pad_multiple)  # pad_id tokens after the sample, mask 0
+            position_ids[b, pos : pos + occupied] = np.arange(occupied)
+            seg_lengths.append(occupied)
             if enc.tiles_per_media:
                 tiles.append(item.tiles)
                 tiles_per_media.extend(enc.tiles_per_media)
+                known = len(enc.media_tokens) == len(enc.tiles_per_media)  # -1: tiles x tokens_per_tile
+                media_tokens.extend(enc.media_tokens if known else [-1] * len(enc.tiles_per_media))
             row_keys.append(item.key)
-            pos = end
+            pos += occupied
         if pos > seq_length:
             raise ValueError(f"row {b} holds {pos} tokens, more than {seq_length}")
         if pos < seq_length:
@@ -92,6 +105,7 @@ def collate_rows(rows: list[list[PackedItem]], seq_length: int, pad_id: int, til
         "max_seqlen": int(max(seg_lengths)),
         "tiles": tiles_tensor,
         "tiles_per_media": torch.tensor(tiles_per_media, dtype=torch.long),
+        "media_tokens": torch.tensor(media_tokens, dtype=torch.long),
         "sample_keys": keys,
     }
 
@@ -114,5 +128,9 @@ def check_batch(batch: dict, image_id: int, tokens_per_tile: int) -> None:
         sel = flat_mask[start : start + n - 1] > 0
         assert torch.equal(flat_lab[start : start + n - 1][sel], flat_tok[start + 1 : start + n][sel])
     n_image_tokens = int((tokens == image_id).sum())
-    assert n_image_tokens == batch["tiles"].shape[0] * tokens_per_tile, (n_image_tokens, batch["tiles"].shape)
+    expected = batch["tiles"].shape[0] * tokens_per_tile
+    if "media_tokens" in batch:
+        full = batch["tiles_per_media"] * tokens_per_tile
+        expected = int(torch.where(batch["media_tokens"] < 0, full, batch["media_tokens"]).sum())
+    assert n_image_tokens == expected, (n_image_tokens, batch["tiles"].shape)
     assert int(batch["tiles_per_media"].sum()) == batch["tiles"].shape[0]

@@ -44,6 +44,7 @@ from .schema import MANIFEST_NAME, MANIFEST_SCHEMA
 from .shard_reader import expand_urls
 from .tiling import tokens_per_tile
 from .tokenizer import VLMTokenizer
+from .video import VideoOptions, set_evs_rates
 
 logger = logging.getLogger("megatron_vlm.data")
 
@@ -59,6 +60,10 @@ COUNTER_NAMES = (
     "skipped_too_long",  # image tokens do not fit the sequence length
     "skipped_no_target",  # too long, and truncating it would leave no target token
     "truncated_text",  # longer than the sequence length, cut (no image tokens lost)
+    "video_error",  # encoded clip that cannot be used (truncated, empty, no video stream, bad clip)
+    "video_dali_gpu",  # encoded clips decoded by each backend (video_decode.py)
+    "video_dali_cpu",
+    "video_pyav",
 )
 _READER_ERROR_COUNTER = {
     "truncated": "truncated_member",
@@ -131,6 +136,8 @@ class PackedVLMLoader:
         shuffle_window: int = 256,
         num_epochs: int | None = None,
         max_consecutive_errors: int = 10_000,
+        pad_multiple: int = 1,
+        video: VideoOptions | None = None,
     ):
         if not datasets:
             raise ValueError("no datasets")
@@ -146,6 +153,7 @@ class PackedVLMLoader:
         self.tokens_per_tile = tokens_per_tile(tile_size, patch_size, pixel_shuffle_ratio)
         self.num_epochs, self.max_consecutive_errors = num_epochs, max_consecutive_errors
         self.encoder = PromptEncoder(tokenizer, self.tokens_per_tile)
+        self.video = video or VideoOptions()
         self.specs = list(datasets)
         self.streams: list[DatasetStream] = []
         self.manifests: list[dict | None] = []
@@ -164,7 +172,10 @@ class PackedVLMLoader:
         self._counters = {n: dict.fromkeys(COUNTER_NAMES, 0) for n in names}
         self._consecutive_errors = [0] * len(self.specs)
         self._logged: OrderedDict = OrderedDict()  # recently logged (dataset, position): no repeats
-        self._packer = RowPacker(seq_length)
+        if seq_length % pad_multiple:
+            raise ValueError(f"seq_length={seq_length} is not a multiple of pad_multiple={pad_multiple}")
+        self.pad_multiple = pad_multiple  # samples padded to it (2*cp with context parallelism)
+        self._packer = RowPacker(seq_length, pad_multiple)
         self._exhausted = False
 
     # ---- counters ---------------------------------------------------------------------------
@@ -257,7 +268,8 @@ class PackedVLMLoader:
                 self._skip(k, position, _READER_ERROR_COUNTER[raw.error_kind], f"shard {raw.shard} {raw.error}")
                 continue
             try:
-                decoded = decode_sample(raw, self.tile_size)
+                decoded = decode_sample(raw, self.tile_size, self.video)
+                set_evs_rates(decoded.meta, self.video, self.seed, raw.key)
                 encoded = self.encoder.encode(decoded.meta)
             except SampleError as exc:
                 self._skip(k, position, exc.kind, f"shard {raw.shard} member {exc.member}: {exc.reason}")
@@ -279,6 +291,8 @@ class PackedVLMLoader:
             if fit.truncated:
                 counters["truncated_text"] += 1
             counters["samples_used"] += 1
+            for backend in decoded.video_backends:
+                counters[f"video_{backend}"] += 1
             self._consecutive_errors[k] = 0
             self._draws += 1
             return PackedItem(fit.sample, decoded.tiles, key=f"{name}/{raw.shard}/{raw.key}")
@@ -310,7 +324,8 @@ class PackedVLMLoader:
         while len(rows) < B:  # only at the end of a finite pass
             rows.append([])
         self._batches += 1
-        return collate_rows(rows, self.seq_length, self.tokenizer.pad_id, self.tile_size)
+        return collate_rows(rows, self.seq_length, self.tokenizer.pad_id, self.tile_size,
+                            self.pad_multiple)
 
     def close(self) -> None:
         for s in self.streams:

@@ -9,6 +9,8 @@ Policy (greedy, order-preserving, so a resumed stream packs identically):
   or the vision embeddings would no longer match the ``<image>`` tokens). A truncation that
   leaves no target token (e.g. a long document whose question and answer come at the end) is
   skipped too: it would fill a row and contribute nothing to the loss.
+- with ``pad_multiple`` > 1 (context parallelism: 2*cp) every sample occupies its length rounded
+  up to that multiple; the row length must be a multiple of it too (recipe validation checks).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def fit_to_length(sample: EncodedSample, seq_length: int) -> FitResult:
         targets=sample.targets[:seq_length],
         tiles_per_media=sample.tiles_per_media,
         last_media_token=sample.last_media_token,
+        media_tokens=sample.media_tokens,
     )
     return FitResult(cut, truncated=True)
 
@@ -50,15 +53,22 @@ class PackedItem:
     key: str  # "<dataset>/<shard>/<sample key>", for tracing and tests
 
 
+def padded_length(n: int, pad_multiple: int) -> int:
+    """Tokens a sample of ``n`` tokens occupies in a row when samples are padded to a multiple
+    (context parallelism cuts every sample into 2*cp equal chunks)."""
+    return -(-n // pad_multiple) * pad_multiple
+
+
 @dataclass
 class RowPacker:
     seq_length: int
+    pad_multiple: int = 1  # each sample occupies a multiple of this many tokens (2*cp with CP)
     rows: list[list[PackedItem]] = field(default_factory=list)  # closed rows
     current: list[PackedItem] = field(default_factory=list)
     used: int = 0
 
     def add(self, item: PackedItem) -> None:
-        n = len(item.encoded)
+        n = padded_length(len(item.encoded), self.pad_multiple)
         if n > self.seq_length:
             raise ValueError(f"sample of {n} tokens does not fit rows of {self.seq_length}; fit it first")
         if self.used + n > self.seq_length:

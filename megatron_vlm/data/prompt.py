@@ -30,9 +30,11 @@ tokenized as ordinary characters, so ``<image>`` ids always match the tiles one 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from megatron_vlm.models.evs import num_kept_tokens, provisional_frame_counts
 
 from .schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from .tokenizer import (
@@ -59,6 +61,7 @@ class EncodedSample:
     targets: np.ndarray  # bool [L]
     tiles_per_media: list[int]  # tiles of each image/video, in token order
     last_media_token: int  # index of the last </img> (-1 if no media): truncation must keep it
+    media_tokens: list[int] = field(default_factory=list)  # <image> tokens of each media (after EVS)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -115,19 +118,21 @@ class PromptEncoder:
         return [t for ids in self.tok.encode_many([p for p in pieces if p]) for t in ids]
 
     # ---- pieces -----------------------------------------------------------------------------
-    def _image_ids(self, tiles: int) -> list[int]:
-        return [self._img_start] + [self.tok.image_id] * (tiles * self.tokens_per_tile) + [self._img_end]
+    def _image_ids(self, tiles: int, num_tokens: int | None = None) -> list[int]:
+        n = tiles * self.tokens_per_tile if num_tokens is None else num_tokens
+        return [self._img_start] + [self.tok.image_id] * n + [self._img_end]
 
-    def _video_ids(self, timestamps: list[float]) -> list[int]:
+    def _video_ids(self, timestamps: list[float], frame_tokens: list[int] | None = None) -> list[int]:
         ids = list(self._video_intro)
         for i, t in enumerate(timestamps):
             ids += self.tok.encode(f"Frame {i + 1} sampled at {t:.2f} seconds: ")
-            ids += self._image_ids(1)
+            ids += self._image_ids(1, None if frame_tokens is None else frame_tokens[i])
             ids += self._newline
         return ids
 
     def _text_with_media(self, text: str, media: list[dict], media_cursor: list[int],
-                         tiles_per_media: list[int]) -> list[int]:
+                         tiles_per_media: list[int], media_tokens: list[int] | None = None) -> list[int]:
+        media_tokens = [] if media_tokens is None else media_tokens
         ids: list[int] = []
         for part in _MEDIA_SPLIT.split(text):
             if part == IMAGE_PLACEHOLDER or part == VIDEO_PLACEHOLDER:
@@ -139,10 +144,15 @@ class PromptEncoder:
                 if expected == "image":
                     n = len(item["tiles"])
                     ids += self._image_ids(n)
+                    kept = n * self.tokens_per_tile
                 else:
                     n = len(item["frames"])
-                    ids += self._video_ids([float(f["t"]) for f in item["frames"]])
+                    rate = float(item.get("evs_rate", 0.0))
+                    kept = num_kept_tokens(n, self.tokens_per_tile, rate) if rate > 0 else n * self.tokens_per_tile
+                    counts = provisional_frame_counts(n, self.tokens_per_tile, kept)
+                    ids += self._video_ids([float(f["t"]) for f in item["frames"]], counts)
                 tiles_per_media.append(n)
+                media_tokens.append(kept)
             elif part:
                 ids += self.encode_plain(part)
         return ids
@@ -164,7 +174,7 @@ class PromptEncoder:
         think opener (``<think></think>`` or ``<think>\\n`` per the reasoning switch) for generation."""
         media = media or []
         pieces: list[tuple[list[int], bool]] = []  # (ids, are targets)
-        cursor, tiles_per_media = [0], []
+        cursor, tiles_per_media, media_tokens = [0], [], []
         last_media_end = -1
         length = 0
 
@@ -178,7 +188,8 @@ class PromptEncoder:
         if turns and turns[0]["role"] == "system":
             system_text = turns.pop(0)["content"]
         add(self._system_header)
-        add(self._text_with_media(strip_reasoning_flags(system_text).strip(), media, cursor, tiles_per_media))
+        add(self._text_with_media(strip_reasoning_flags(system_text).strip(), media, cursor, tiles_per_media,
+                                  media_tokens))
         if tiles_per_media:
             last_media_end = length - 1
         add(self._newline)
@@ -187,7 +198,8 @@ class PromptEncoder:
             if role in ("user", "system"):
                 n_media_before = len(tiles_per_media)
                 add(self._user_header)
-                body = self._text_with_media(strip_reasoning_flags(content).strip(), media, cursor, tiles_per_media)
+                body = self._text_with_media(strip_reasoning_flags(content).strip(), media, cursor, tiles_per_media,
+                                             media_tokens)
                 add(body)
                 if len(tiles_per_media) > n_media_before:
                     # position of the last </img> within this body
@@ -221,7 +233,7 @@ class PromptEncoder:
             if is_target:
                 targets[pos : pos + len(ids)] = True
             pos += len(ids)
-        return EncodedSample(tokens, targets, tiles_per_media, last_media_end)
+        return EncodedSample(tokens, targets, tiles_per_media, last_media_end, media_tokens)
 
     def generation_prompt(self, conversation: list[dict], media: list[dict] | None = None) -> list[int]:
         """Token ids to feed for generation: the conversation up to a final user turn, plus the

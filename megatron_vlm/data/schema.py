@@ -6,7 +6,8 @@ Shard = a POSIX (ustar) tar file. A *sample* is a run of consecutive members sha
 
     KEY.json              metadata, UTF-8 JSON (sorted keys), always first
     KEY.m00.t00.png       image 0, tile 0 ... (grid tiles row-major, then the thumbnail)
-    KEY.m01.f000.png      media 1 is a video: frame 0, one tile per frame
+    KEY.m01.f000.png      media 1 is a video: frame 0, one tile per frame (pre-extracted frames)
+    KEY.m02.webm          media 2 is an encoded clip: the file's bytes as they are (.mp4, .webm, ...)
     (``.jpg`` instead of ``.png`` when the shards were built with JPEG tiles)
 
 Metadata (``schema`` = ``megatron_vlm.sample/1``)::
@@ -28,8 +29,15 @@ Metadata (``schema`` = ``megatron_vlm.sample/1``)::
          "grid": [3, 2], "thumbnail": true,
          "tiles": ["m00.t00.png", ..., "m00.t06.png"]},
         {"type": "video", "source": "clips/b.mp4",
-         "frames": [{"t": 0.0, "tile": "m01.f000.png"}, {"t": 0.5, "tile": "m01.f001.png"}]}
+         "frames": [{"t": 0.0, "tile": "m01.f000.png"}, {"t": 0.5, "tile": "m01.f001.png"}]},
+        {"type": "video", "source": "clips/c.mp4", "member": "m02.mp4",   # encoded clip
+         "start": 0.0, "end": 12.5,                                        # seconds of the file
+         "probe": {"codec": "h264", "duration": 30.0, "fps": 30.0, "num_frames": 900,
+                   "width": 640, "height": 360, "vfr": false}}
       ]
+
+An encoded clip is sampled and decoded by the loader (``video.py``, ``video_decode.py``); the
+decoder then fills in ``frames`` (``[{"t": seconds from start}]``) for the prompt.
     }
 
 Placeholders: each ``<image>`` in a user/system turn stands for the next ``image`` media item,
@@ -86,10 +94,20 @@ def count_placeholders(text: str) -> tuple[int, int]:
     return text.count(IMAGE_PLACEHOLDER), text.count(VIDEO_PLACEHOLDER)
 
 
+def video_member(media_index: int, ext: str) -> str:
+    return f"m{media_index:02d}.{ext}"
+
+
+def is_encoded_video(item: dict) -> bool:
+    return item.get("type") == "video" and "member" in item
+
+
 def media_tile_names(item: dict) -> list[str]:
-    """Member suffixes holding a media item's tiles, in token order."""
+    """Member suffixes holding a media item's tiles, in token order (none for encoded clips)."""
     if item["type"] == "image":
         return list(item["tiles"])
+    if is_encoded_video(item):
+        return []
     return [f["tile"] for f in item["frames"]]
 
 
@@ -137,6 +155,9 @@ def validate_metadata(meta: dict) -> None:
             cols, rows = item["grid"]
             if len(item["tiles"]) != cols * rows + (1 if item.get("thumbnail") else 0):
                 raise SchemaError(f"image grid {cols}x{rows} does not match {len(item['tiles'])} tiles")
+        elif is_encoded_video(item):
+            if not isinstance(item["member"], str) or not isinstance(item.get("probe"), dict):
+                raise SchemaError("encoded video without a member name or probe data")
         elif not item.get("frames"):
             raise SchemaError("video without frames")
 

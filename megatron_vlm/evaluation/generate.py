@@ -5,10 +5,14 @@
     result.tokens        # generated ids, the stop token excluded
     result.stop_reason   # "stop_id" | "stop_fn" | "length"
 
-Every new token re-runs the full forward over prompt + generated tokens (no KV / SSM-state
-cache): exact and simple, and fast enough for the tiny model and answers of a few tokens. The
-model must hold every layer (``pre_process`` and ``post_process``) and its logits must cover the
-whole vocabulary (tensor parallel size 1).
+The hybrid LLM / VLM decode incrementally (``megatron_vlm.models.decode``): one prefill over the
+prompt, then one step per new token with the Mamba convolution + SSM states and the attention KV
+cache, and only the last position's logits; the tokens equal those of re-running the full
+forward for every token (``use_cache=False``, also the path for other models). The model must
+hold every layer (``pre_process`` and ``post_process``) and its logits must cover the whole
+vocabulary (tensor parallel size 1).
+
+``sample_generate`` draws instead of taking the argmax (temperature, top-k, top-p; seeded).
 
 ``tiles`` are the sample's tiles exactly as the training batches carry them: float32
 [N, 3, T, T], CLIP-normalised (``megatron_vlm.data.image.normalize_tiles`` of the shard's uint8
@@ -81,40 +85,83 @@ def forward_logits(model: torch.nn.Module, ids: Sequence[int], tiles=None,
     device = _device(model)
     input_ids = torch.as_tensor(list(ids), dtype=torch.long, device=device).unsqueeze(0)
     tiles = prepare_tiles(tiles, device, _param_dtype(model))
-    logits = model(input_ids, tiles=tiles)  # [1, s, V]
+    if hasattr(model, "embed_inputs") or not hasattr(model, "decoder"):
+        logits = model(input_ids, tiles=tiles)  # [1, s, V]
+    else:  # the text-only LLM (megatron's MambaModel)
+        logits = model(input_ids, None, None)
     logits = logits[0, -1] if last_only else logits[0]
-    logits = logits.float()
+    return _mask_vocab(logits.float(), vocab_limit)
+
+
+def _mask_vocab(logits: torch.Tensor, vocab_limit: Optional[int]) -> torch.Tensor:
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = logits.clone()
         logits[..., vocab_limit:] = float("-inf")
     return logits
 
 
+def _choose(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+            generator: Optional[torch.Generator]) -> int:
+    """Argmax at temperature 0, else a draw from the tempered, top-k / top-p truncated softmax."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        drop = torch.cumsum(sorted_p, 0) - sorted_p >= top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
 @torch.no_grad()
-def greedy_generate(model: torch.nn.Module, prompt_ids: Sequence[int], tiles=None,
+def sample_generate(model: torch.nn.Module, prompt_ids: Sequence[int], tiles=None,
                     max_new_tokens: int = 32, stop_ids: Iterable[int] = (),
                     vocab_limit: Optional[int] = None,
-                    stop_fn: Optional[Callable[[list], bool]] = None) -> Generation:
-    """Greedy continuation of ``prompt_ids`` (the image tokens already expanded).
+                    stop_fn: Optional[Callable[[list], bool]] = None,
+                    temperature: float = 1.0, top_k: Optional[int] = None,
+                    top_p: Optional[float] = None, seed: Optional[int] = None,
+                    use_cache: bool = True) -> Generation:
+    """Continuation of ``prompt_ids`` (the image tokens already expanded): argmax at
+    ``temperature`` 0, else sampled (``seed`` makes it repeatable).
 
     Stops after ``max_new_tokens`` tokens, at the first token in ``stop_ids`` (not included in
     ``tokens``), or when ``stop_fn(tokens)`` returns True after a token was appended.
+    ``use_cache``: incremental decoding when the model supports it (else full re-runs).
     """
+    from megatron_vlm.models.decode import IncrementalDecoder, supports_incremental
+
     if not prompt_ids:
         raise ValueError("empty prompt")
+    _check_whole_model(model)
     was_training = model.training
     model.eval()
     device = _device(model)
     tiles = prepare_tiles(tiles, device, _param_dtype(model))
     stop_ids = set(int(t) for t in stop_ids)
     seq = list(int(t) for t in prompt_ids)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    incremental = None
+    if use_cache and supports_incremental(model):
+        incremental = IncrementalDecoder(model, capacity=len(seq) + max_new_tokens)
     out: list = []
     forwards = 0
     try:
         for _ in range(max_new_tokens):
-            logits = forward_logits(model, seq, tiles, vocab_limit=vocab_limit, last_only=True)
+            if incremental is None:
+                logits = forward_logits(model, seq, tiles, vocab_limit=vocab_limit, last_only=True)
+            elif forwards == 0:
+                ids = torch.as_tensor(seq, dtype=torch.long, device=device).unsqueeze(0)
+                logits = _mask_vocab(incremental.prefill(ids, tiles)[0], vocab_limit)
+            else:
+                last = torch.as_tensor([seq[-1]], dtype=torch.long, device=device)
+                logits = _mask_vocab(incremental.step(last)[0], vocab_limit)
             forwards += 1
-            token = int(torch.argmax(logits))
+            token = _choose(logits, temperature, top_k, top_p, generator)
             if token in stop_ids:
                 return Generation(out, "stop_id", token, forwards)
             out.append(token)
@@ -124,6 +171,16 @@ def greedy_generate(model: torch.nn.Module, prompt_ids: Sequence[int], tiles=Non
         return Generation(out, "length", None, forwards)
     finally:
         model.train(was_training)
+
+
+def greedy_generate(model: torch.nn.Module, prompt_ids: Sequence[int], tiles=None,
+                    max_new_tokens: int = 32, stop_ids: Iterable[int] = (),
+                    vocab_limit: Optional[int] = None,
+                    stop_fn: Optional[Callable[[list], bool]] = None,
+                    use_cache: bool = True) -> Generation:
+    """Greedy continuation (``sample_generate`` at temperature 0)."""
+    return sample_generate(model, prompt_ids, tiles, max_new_tokens, stop_ids, vocab_limit,
+                           stop_fn, temperature=0.0, use_cache=use_cache)
 
 
 @torch.no_grad()

@@ -127,6 +127,14 @@ def _parallel_sizes(tp: Optional[int], pp: Optional[int]):
     return tp or 1, pp or 1
 
 
+def _context_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_context_parallel_world_size()
+    return 1
+
+
 def base_config_kwargs(cfg: dict, tp: Optional[int], pp: Optional[int],
                        params_dtype: Optional[Union[str, torch.dtype]]) -> dict:
     """TransformerConfig arguments common to the LLM and the vision tower.
@@ -163,6 +171,7 @@ def make_transformer_config(
     """
     cfg = load_model_config(model_cfg)
     kwargs = base_config_kwargs(cfg, tp, pp, params_dtype)
+    kwargs["context_parallel_size"] = _context_parallel_size()  # the LLM only, not the ViT
     kwargs.update(
         config_fields(cfg, "num_query_groups", "kv_channels", "mamba_num_heads", "mamba_head_dim",
                       "mamba_state_dim", "mamba_num_groups", "normalization"),

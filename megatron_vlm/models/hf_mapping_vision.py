@@ -72,7 +72,8 @@ _CONNECTOR_RENAMES = {
 # HF keys that carry no weights of ours; checked or dropped on import.
 _DROPPED = {
     "released": (r"radio_model\.input_conditioner\.norm_(mean|std)", r"radio_model\.summary_idxs",
-                 r"radio_model\.model\.patch_generator\.video_embedder\..*"),
+                 r"radio_model\.model\.patch_generator\.video_embedder\..*",
+                 r"radio_model\.model\.blocks\.\d+\.layer_scale[12]\.lambda1"),
     "transformers": (r"input_conditioner\.norm_(mean|std)", r"summary_idxs",
                      r"embeddings\.video_patch_projection\..*", r"encoder\.layer\.\d+\.layer_scale[12]\.lambda1"),
 }
@@ -136,16 +137,9 @@ def _num_layers(hf_state: Dict[str, torch.Tensor], layout: str) -> int:
 
 def _check_dropped(hf_state: Dict[str, torch.Tensor], layout: str) -> List[str]:
     """Validate the HF-only tensors we drop; returns their keys."""
-    dropped = [k for k in hf_state if any(re.fullmatch(p, k) for p in _DROPPED[layout])]
+    dropped = [k for k in hf_state if is_dropped(k, layout)]
     for key in dropped:
-        value = hf_state[key].float()
-        if key.endswith("norm_mean") or key.endswith("norm_std"):
-            expected = torch.tensor(CLIP_MEAN if key.endswith("mean") else CLIP_STD)
-            if not torch.allclose(value.flatten(), expected, atol=1e-6):
-                raise ValueError(f"{key} = {value.flatten().tolist()} differs from the CLIP "
-                                 f"statistics our preprocessing uses ({expected.tolist()})")
-        if "layer_scale" in key and not torch.all(value == 1):
-            raise ValueError(f"{key} is not 1: this checkpoint has LayerScale, which our tower lacks")
+        check_dropped(key, hf_state[key])
     return dropped
 
 
@@ -259,3 +253,78 @@ def vlm_vision_to_hf(state: Dict[str, torch.Tensor], num_heads: int,
            for k, v in vision_megatron_to_hf(parts["vision"], num_heads, layout).items()}
     out.update(connector_megatron_to_hf(parts["connector"], layout))
     return out
+
+
+# ---- the same tables as mapping rules (streaming export / import, both directions) ----------
+def _qkv_rule(i: int, num_heads: int, layout: str, kind: str):
+    from megatron_vlm.conversion.mapping import Rule
+
+    hf_prefix = _LAYER_PREFIX[layout].format(i)
+    hf = tuple(hf_prefix + n for n in _qkv_names(layout, kind))
+    ours = (f"decoder.layers.{i}.self_attention.linear_qkv.{kind}",)
+    if layout == "released":
+        return Rule(ours, hf, lambda t: (torch.cat(split_qkv(t, num_heads), dim=0),),
+                    lambda t: (interleave_qkv(*t.chunk(3, dim=0), num_heads),))
+    return Rule(ours, hf, lambda t: split_qkv(t, num_heads),
+                lambda q, k, v: (interleave_qkv(q, k, v, num_heads),))
+
+
+def _position_rule(layout: str):
+    """Ours [1, R*C, h]; the released / transformers tensor may be stored without the 1."""
+    from megatron_vlm.conversion.mapping import Rule
+
+    return Rule(("position_embeddings",), (_TOWER_RENAMES["position_embeddings"][layout],),
+                lambda t: (t,), lambda t: (t.unsqueeze(0) if t.dim() == 2 else t,))
+
+
+def vision_rules(num_layers: int, num_heads: int, layout: str) -> list:
+    """Our tower (keys relative to it) <-> HF tower keys relative to ``vision_model.``.
+
+    Ordered parameter by parameter over the layers, so a reader of megatron's stacked layer
+    tensors (``decoder.layers.<param>`` [L, ...]) meets each stacked tensor in one run.
+    """
+    from megatron_vlm.conversion.mapping import rename
+
+    _check_layout(layout)
+    rules = [rename(o, n[layout]) for o, n in _TOWER_RENAMES.items() if o != "position_embeddings"]
+    rules.append(_position_rule(layout))
+    for kind in ("weight", "bias"):
+        rules += [_qkv_rule(i, num_heads, layout, kind) for i in range(num_layers)]
+    for ours, names in _LAYER_RENAMES.items():
+        rules += [rename(f"decoder.layers.{i}.{ours}", _LAYER_PREFIX[layout].format(i) + names[layout])
+                  for i in range(num_layers)]
+    return rules
+
+
+def connector_rules(layout: str) -> list:
+    from megatron_vlm.conversion.mapping import rename
+
+    _check_layout(layout)
+    return [rename(o, n[layout]) for o, n in _CONNECTOR_RENAMES.items()]
+
+
+def vlm_vision_rules(num_layers: int, num_heads: int, layout: str) -> list:
+    """Our VLM's ``vision_model.*`` / ``vision_projection.*`` <-> whole-VLM HF keys."""
+    from megatron_vlm.conversion.mapping import with_prefixes
+
+    return (with_prefixes(vision_rules(num_layers, num_heads, layout), _OURS_PREFIXES["vision"],
+                          _HF_VISION_PREFIX)
+            + with_prefixes(connector_rules(layout), _OURS_PREFIXES["connector"], ""))
+
+
+def is_dropped(key: str, layout: str) -> bool:
+    """HF-only tensors (keys relative to the tower) that carry no weights of ours."""
+    return any(re.fullmatch(p, key) for p in _DROPPED[layout])
+
+
+def check_dropped(key: str, value: torch.Tensor) -> None:
+    """Validate one dropped HF-only tensor: CLIP statistics (our preprocessing normalises), a
+    LayerScale of exactly 1 (C-RADIO has none; transformers' RadioModel writes ones)."""
+    value = value.float()
+    if key.endswith("norm_mean") or key.endswith("norm_std"):
+        expected = torch.tensor(CLIP_MEAN if key.endswith("mean") else CLIP_STD)
+        if not torch.allclose(value.flatten(), expected, atol=1e-6):
+            raise ValueError(f"{key} = {value.flatten().tolist()} differs from the CLIP "
+                             f"statistics our preprocessing uses ({expected.tolist()})")
+    if "layer_scale" in key and not torch.all(value == 1):
+        raise ValueError(f"{key} is not 1: this checkpoint has LayerScale, which our tower lacks")

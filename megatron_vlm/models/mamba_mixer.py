@@ -18,6 +18,10 @@ exact.
 Compute goes through ``mamba_ops`` (fused kernels on CUDA when present, plain torch otherwise).
 Packed sequences (``PackedSeqParams.cu_seqlens_q[_padded]``) reset both the convolution window and
 the SSM state at every sequence start.
+
+Context parallelism (``pg_collection.cp`` of size > 1): megatron-core's ``MambaContextParallel``
+all-to-all (see ``context_parallel.MambaCP``) turns each rank's sequence shard into whole
+sequences of a 1/cp share of the heads around the convolution and the scan.
 """
 
 import math
@@ -41,6 +45,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_vlm.models import mamba_ops
+from megatron_vlm.models.context_parallel import MambaCP
 from megatron_vlm.models.norms import GatedRMSNorm, param_device
 from megatron_vlm.models.packing import packed_seq_idx
 
@@ -88,8 +93,6 @@ class HybridMambaMixer(MegatronModule):
         self.chunk_size = chunk_size
         self.dt_clamp_min = dt_clamp_min
         self.tp_group = pg_collection.tp
-        if pg_collection.cp is not None and pg_collection.cp.size() > 1:
-            raise NotImplementedError("context parallelism is not implemented in HybridMambaMixer")
 
         self.d_model = d_model
         self.d_conv = d_conv
@@ -157,6 +160,16 @@ class HybridMambaMixer(MegatronModule):
                 setattr(p, "partition_dim", 0)
                 setattr(p, "partition_stride", 1)
 
+        # Context parallelism: megatron's all-to-all between sequence and heads (a no-op at cp=1).
+        # It slices the conv1d / dt_bias / A_log / D parameters per CP rank in the forward pass,
+        # so the parameters and the checkpoint layout do not depend on the CP size.
+        cp_group = pg_collection.cp
+        self.cp = None
+        if cp_group is not None and cp_group.size() > 1:
+            self.cp = MambaCP(cp_group, self.d_inner_local, self.nheads_local, self.ngroups_local,
+                              self.d_state, self.conv1d, self.dt_bias, self.A_log, self.D,
+                              D_has_hdim=False)
+
         self.norm = GatedRMSNorm(self.d_inner_local, self.d_inner // self.ngroups, norm_eps,
                                  config, tp_group=self.tp_group)
 
@@ -185,32 +198,46 @@ class HybridMambaMixer(MegatronModule):
             raise NotImplementedError("incremental decoding is not implemented in HybridMambaMixer")
 
         zxbcdt, _ = self.in_proj(hidden_states)  # [s, b, local proj]
+        if self.cp is not None:  # [s/cp, b, proj] -> [s, b, proj/cp]: whole sequences, fewer heads
+            zxbcdt = self.cp.pre_conv_ssm(zxbcdt, packed_seq_params)
         seqlen, bsz, _ = zxbcdt.shape
         zxbcdt = zxbcdt.transpose(0, 1)  # [b, s, .]
         seq_idx = packed_seq_idx(packed_seq_params, bsz, seqlen)
         if seq_idx is not None:
             seq_idx = seq_idx.to(zxbcdt.device)
 
-        gs = self.ngroups_local * self.d_state
-        z, xbc, dt = torch.split(
-            zxbcdt, [self.d_inner_local, self.d_inner_local + 2 * gs, self.nheads_local], dim=-1)
-        xbc = mamba_ops.causal_conv1d_silu(
-            xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx)
-        x, B, C = torch.split(xbc, [self.d_inner_local, gs, gs], dim=-1)
+        cp = self.cp
+        d_inner = self.d_inner_local if cp is None else cp.d_inner_local_tpcp
+        nheads = self.nheads_local if cp is None else cp.nheads_local_tpcp
+        ngroups = self.ngroups_local if cp is None else cp.ngroups_local_tpcp
+        gs = ngroups * self.d_state
+        z, xbc, dt = torch.split(zxbcdt, [d_inner, d_inner + 2 * gs, nheads], dim=-1)
+        conv_weight = self.conv1d.weight if cp is None else cp.get_conv1d_weight()
+        conv_bias = self.conv1d.bias if cp is None else cp.get_conv1d_bias()
+        xbc = mamba_ops.causal_conv1d_silu(xbc, conv_weight.squeeze(1), conv_bias, seq_idx)
+        x, B, C = torch.split(xbc, [d_inner, gs, gs], dim=-1)
 
         y = mamba_ops.ssd(
-            x.reshape(bsz, seqlen, self.nheads_local, self.headdim),
+            x.reshape(bsz, seqlen, nheads, self.headdim),
             dt,
-            self.dt_bias,
-            -torch.exp(self.A_log.float()),
-            B.reshape(bsz, seqlen, self.ngroups_local, self.d_state),
-            C.reshape(bsz, seqlen, self.ngroups_local, self.d_state),
-            self.D,
+            self.dt_bias if cp is None else cp.get_dt_bias(),
+            -torch.exp((self.A_log if cp is None else cp.get_A_log()).float()),
+            B.reshape(bsz, seqlen, ngroups, self.d_state),
+            C.reshape(bsz, seqlen, ngroups, self.d_state),
+            self.D if cp is None else cp.get_D(),
             self.chunk_size,
             seq_idx=seq_idx,
             dt_min=self.dt_clamp_min,
         )
-        y = self.norm(y.reshape(bsz, seqlen, self.d_inner_local), z)
+        y = y.reshape(bsz, seqlen, d_inner)
+        if cp is None:
+            y = self.norm(y, z)
+        else:
+            # As megatron: gate on this rank's heads, back to [s/cp, b, d_inner], then normalise
+            # (a norm group may span CP ranks).
+            y = y.float() * torch.nn.functional.silu(z.float())
+            y = cp.post_conv_ssm(y.to(z.dtype).transpose(0, 1).contiguous(), packed_seq_params)
+            y = self.norm(y.transpose(0, 1), None)
         return self.out_proj(y.transpose(0, 1).contiguous())
 
     # ------------------------------------------------------------------ checkpointing

@@ -89,9 +89,10 @@ class GatedRMSNorm(nn.Module):
         setattr(self.weight, "partition_dim", 0)
         setattr(self.weight, "partition_stride", 1)
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, z: Optional[torch.Tensor]) -> torch.Tensor:
+        """``z`` None: ``y`` is already gated (the Mamba mixer under context parallelism)."""
         dtype = y.dtype
-        h = y.float() * torch.nn.functional.silu(z.float())
+        h = y.float() if z is None else y.float() * torch.nn.functional.silu(z.float())
         shape = h.shape
         h = h.view(*shape[:-1], shape[-1] // self.group_size, self.group_size)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -20,16 +20,25 @@ from megatron_vlm.models.ssd_scan import seq_idx_from_cu_seqlens
 
 
 def make_packed_seq_params(cu_seqlens: torch.Tensor, qkv_format: str = "thd",
-                           cu_seqlens_padded: Optional[torch.Tensor] = None) -> PackedSeqParams:
+                           cu_seqlens_padded: Optional[torch.Tensor] = None,
+                           max_seqlen: Optional[int] = None) -> PackedSeqParams:
     """PackedSeqParams for self-attention from cumulative sample lengths (int32, starting at 0).
 
     ``cu_seqlens_padded``: boundaries including per-sample padding (when samples are padded to a
-    multiple, e.g. for TE/CP); the model uses them for positions when given.
+    multiple, e.g. for TE/CP); the model uses them for positions when given. ``max_seqlen``
+    (longest sample, known on the host from the loader) saves a device sync.
     """
+    if cu_seqlens_padded is None and _context_parallel_size() > 1:
+        # TE's context-parallel THD attention wants the padded boundaries; ours are the same
+        # tokens (the loader pads samples, the pad belongs to its sample's segment).
+        cu_seqlens_padded = cu_seqlens
     cu = cu_seqlens.to(torch.int32)
     lengths = (cu[1:] - cu[:-1]) if cu_seqlens_padded is None else (
         cu_seqlens_padded[1:] - cu_seqlens_padded[:-1])
-    max_len = int(lengths.max().item()) if lengths.numel() else 0
+    if max_seqlen is not None:
+        max_len = int(max_seqlen)
+    else:
+        max_len = int(lengths.max().item()) if lengths.numel() else 0
     padded = None if cu_seqlens_padded is None else cu_seqlens_padded.to(torch.int32)
     return PackedSeqParams(
         qkv_format=qkv_format,
@@ -37,6 +46,14 @@ def make_packed_seq_params(cu_seqlens: torch.Tensor, qkv_format: str = "thd",
         cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
         max_seqlen_q=max_len, max_seqlen_kv=max_len,
     )
+
+
+def _context_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_context_parallel_world_size()
 
 
 def packed_seq_idx(packed_seq_params: Optional[PackedSeqParams], batch: int, seqlen: int):

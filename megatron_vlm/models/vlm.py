@@ -17,6 +17,16 @@ the LLM's text embeddings at those positions, in tile order -> ``language_model`
 ``decoder_input``. Other pipeline stages hold only their share of LLM layers and take their input
 through ``set_input_tensor`` (megatron's schedules do this).
 
+EVS (video token pruning, ``evs.py``) runs between the connector and that write. Sequence layout:
+the data pipeline fixes each pruned video's kept count ``K = num_kept_tokens(T, tpf, q)`` when
+it encodes the sample (batch key ``media_tokens``), so the sample's length, labels, loss mask,
+``cu_seqlens`` and every pipeline/tensor-parallel shape are final before the vision pass. It
+writes provisional per-frame counts (frame 1 whole, the rest spread evenly) in the
+``Frame i sampled at t seconds: <img>...</img>`` wrappers. After pruning, ``embed_inputs`` moves the
+video's ``<image>`` ids to each frame's real kept count, keeping every frame's timestamp text and
+``<img>``/``</img>`` wrapper (as vLLM rebuilds the placeholders); only ids inside the video move,
+none of which is a loss target, and no position ids change (the LLM has no positional encoding).
+
 Freezing (``freeze``) sets ``requires_grad = False``. A frozen vision tower runs under
 ``torch.no_grad()`` (and so does a frozen connector behind it); a frozen LLM keeps building the
 graph of its activations, because gradients must flow through it to the connector, but its
@@ -42,6 +52,8 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm.models.config import load_config_dict, load_model_config
 from megatron_vlm.models.connector import VisionConnector, build_connector
+from megatron_vlm.models.context_parallel import global_cu_seqlens, shard_sequence, shard_tokens
+from megatron_vlm.models.evs import kept_per_frame, retention_mask
 from megatron_vlm.models.llm import build_hybrid_llm
 from megatron_vlm.models.packing import make_packed_seq_params
 from megatron_vlm.models.vision.config import load_radio_config
@@ -50,7 +62,7 @@ from megatron_vlm.models.vision.radio import RadioVisionTower, build_radio_tower
 # Freezable parts and the attributes (= checkpoint prefixes) that hold them.
 PART_ATTRIBUTES = {"vision": "vision_model", "connector": "vision_projection", "llm": "language_model"}
 
-_VLM_DEFAULTS = dict(downsample_ratio=0.5, projector_norm_eps=1e-5, image_token_id=None)
+_VLM_DEFAULTS = dict(downsample_ratio=0.5, projector_norm_eps=1e-5, image_token_id=None, img_end_token_id=None)
 _VLM_REQUIRED = ("language_model", "vision_model", "projector_hidden_size")
 
 
@@ -86,6 +98,7 @@ class NemotronVLModel(MegatronModule):
         vision_model: Optional[RadioVisionTower] = None,
         vision_projection: Optional[VisionConnector] = None,
         image_token_id: Optional[int] = None,
+        img_end_token_id: Optional[int] = None,
     ):
         super().__init__(config=language_model.config)
         self.model_type = ModelType.encoder_or_decoder
@@ -99,6 +112,7 @@ class NemotronVLModel(MegatronModule):
         self.vision_model = vision_model
         self.vision_projection = vision_projection
         self.image_token_id = image_token_id
+        self.img_end_token_id = img_end_token_id  # ``</img>``: frame wrappers rebuilt after EVS
         # megatron's finalize_model_grads reads these from the module that has ``pre_process``.
         self.share_embeddings_and_output_weights = language_model.share_embeddings_and_output_weights
         self.sequence_parallel = language_model.config.sequence_parallel
@@ -154,7 +168,8 @@ class NemotronVLModel(MegatronModule):
             embeds = self.vision_projection(features, grid)
         return embeds.reshape(-1, embeds.shape[-1])
 
-    def _check_image_tokens(self, input_ids: torch.Tensor, tiles: Optional[torch.Tensor]) -> torch.Tensor:
+    def _check_image_tokens(self, input_ids: torch.Tensor, tiles: Optional[torch.Tensor],
+                            num_embeddings: Optional[int] = None) -> torch.Tensor:
         """Boolean [b, s] mask of the image context tokens, after checking their count."""
         num_tiles = 0 if tiles is None else int(tiles.shape[0])
         if self.image_token_id is None:
@@ -164,22 +179,80 @@ class NemotronVLModel(MegatronModule):
         mask = input_ids == self.image_token_id
         num_tokens = int(mask.sum())
         per_tile = self.tokens_per_tile(tiles) if num_tiles else 0
-        if num_tokens != num_tiles * per_tile:
+        expected = num_tiles * per_tile if num_embeddings is None else num_embeddings
+        if num_tokens != expected:
             raise ImageTokenMismatch(
                 f"the batch has {num_tokens} image context tokens (id {self.image_token_id}) but "
-                f"{num_tiles * per_tile} tile embeddings ({num_tiles} tiles x {per_tile} tokens "
-                f"per tile)")
+                f"{expected} tile embeddings ({num_tiles} tiles x {per_tile} tokens "
+                f"per tile{', after EVS' if num_embeddings is not None else ''})")
         return mask
 
-    def embed_inputs(self, input_ids: torch.Tensor, tiles: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """LLM input embeddings [s, b, h]: text embeddings with image tokens replaced, in tile order."""
+    # ---- EVS ----------------------------------------------------------------------------------
+    def prune_videos(self, input_ids: torch.Tensor, image: torch.Tensor, tiles_per_media: torch.Tensor,
+                     media_tokens: torch.Tensor, tokens_per_tile: int):
+        """EVS on the videos whose ``media_tokens`` is below tiles x tokens_per_tile: returns
+        (input ids with each pruned video's frame wrappers rebuilt, the kept embeddings)."""
+        tiles_per_media = tiles_per_media.tolist()
+        media_tokens = media_tokens.tolist()
+        full = [n * tokens_per_tile for n in tiles_per_media]
+        if not any(0 <= k < f for k, f in zip(media_tokens, full)):
+            return input_ids, image
+        if self.img_end_token_id is None:
+            raise ValueError("img_end_token_id is not set: cannot rebuild the frames of a pruned video")
+        flat = input_ids.reshape(-1).clone()  # batch-major, the order of the image embeddings
+        positions = (flat == self.image_token_id).nonzero(as_tuple=True)[0]
+        kept, offset, token_cursor = [], 0, 0
+        for frames, want, count in zip(tiles_per_media, media_tokens, full):
+            embeds = image[offset : offset + count]
+            offset += count
+            if not 0 <= want < count:
+                kept.append(embeds)
+                token_cursor += count
+                continue
+            mask = retention_mask(embeds, frames, want)
+            kept.append(embeds[mask])
+            first = int(positions[token_cursor])
+            token_cursor += want
+            self._rebuild_frames(flat, first, kept_per_frame(mask, frames).tolist())
+        return flat.view_as(input_ids), torch.cat(kept)
+
+    def _rebuild_frames(self, flat: torch.Tensor, first: int, counts: list) -> None:
+        """Rewrite in place the ids of a video from its first ``<image>`` to its last ``</img>``
+        so that frame i holds ``counts[i]`` image tokens (the text between frames is kept)."""
+        ends = (flat[first:] == self.img_end_token_id).nonzero(as_tuple=True)[0][: len(counts)] + first
+        if len(ends) < len(counts):
+            raise ImageTokenMismatch(f"a pruned video has {len(ends)} </img> of {len(counts)} frames")
+        span = flat[first : int(ends[-1]) + 1]
+        text = span[span != self.image_token_id]
+        text_ends = (text == self.img_end_token_id).nonzero(as_tuple=True)[0].tolist()
+        image_id = span.new_full((1,), self.image_token_id)
+        pieces, start = [], 0
+        for count, end in zip(counts, text_ends):  # segment i: text before frame i's tokens, </img>
+            pieces += [text[start:end], image_id.expand(int(count)), text[end : end + 1]]
+            start = end + 1
+        rebuilt = torch.cat(pieces)
+        if rebuilt.numel() != span.numel():
+            raise ImageTokenMismatch("EVS kept counts do not match the video's image tokens")
+        span.copy_(rebuilt)
+
+    def embed_inputs(self, input_ids: torch.Tensor, tiles: Optional[torch.Tensor] = None,
+                     tiles_per_media: Optional[torch.Tensor] = None,
+                     media_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """LLM input embeddings [s, b, h]: text embeddings with image tokens replaced, in tile order
+        (after EVS pruning of the videos that ``media_tokens`` marks, see the module docstring)."""
         if tiles is not None and tiles.numel() == 0:
             tiles = None
-        mask = self._check_image_tokens(input_ids, tiles)
+        image = num_embeddings = None
+        if tiles is not None and media_tokens is not None and tiles_per_media is not None:
+            per_tile = self.tokens_per_tile(tiles)
+            image = self.image_embeddings(tiles)
+            input_ids, image = self.prune_videos(input_ids, image, tiles_per_media, media_tokens, per_tile)
+            num_embeddings = int(image.shape[0])
+        mask = self._check_image_tokens(input_ids, tiles, num_embeddings)
         text = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
         if tiles is None:
             return text
-        image = self.image_embeddings(tiles).to(text.dtype)
+        image = (self.image_embeddings(tiles) if image is None else image).to(text.dtype)
         seq, batch, hidden = text.shape
         # Tile order is the batch-major order of the tokens; the embeddings are sequence-major.
         b_idx, s_idx = mask.nonzero(as_tuple=True)
@@ -195,16 +268,24 @@ class NemotronVLModel(MegatronModule):
         packed_seq_params: Optional[PackedSeqParams] = None,
         attention_mask: Optional[torch.Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
+        tiles_per_media: Optional[torch.Tensor] = None,
+        media_tokens: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Per-token loss [b, s] with ``labels`` (last stage), else logits [b, s, vocab/tp]
         (last stage) or hidden states [s, b, h] (other stages).
 
         ``input_ids`` and ``tiles`` are read on the first stage only. ``packed_seq_params``
         (``make_packed_seq_params(cu_seqlens)``) keeps packed samples apart in the LLM.
+        ``tiles_per_media`` / ``media_tokens`` (batch keys) switch on EVS for the videos they mark.
         """
         decoder_input = None
+        # Context parallelism: the whole sequence is embedded (image embeddings land on their
+        # placeholders wherever the CP split falls), then cut to this rank's tokens.
+        cu_seqlens = global_cu_seqlens(packed_seq_params)
+        labels = shard_tokens(labels, cu_seqlens)
         if self.pre_process:
-            decoder_input = self.embed_inputs(input_ids, tiles)
+            decoder_input = self.embed_inputs(input_ids, tiles, tiles_per_media, media_tokens)
+            decoder_input = shard_sequence(decoder_input, cu_seqlens)
             if self.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         return self.language_model(
@@ -233,6 +314,7 @@ def build_vlm(
     image_token_id: Optional[int] = None,
     freeze: Optional[Dict[str, bool]] = None,
     vision_recompute: bool = True,
+    img_end_token_id: Optional[int] = None,
     **config_overrides,
 ) -> NemotronVLModel:
     """Build this pipeline stage's part of the VLM from a recipe name / YAML path / dict.
@@ -265,6 +347,7 @@ def build_vlm(
     model = NemotronVLModel(
         language_model, vision_model, vision_projection,
         image_token_id=image_token_id if image_token_id is not None else cfg["image_token_id"],
+        img_end_token_id=img_end_token_id if img_end_token_id is not None else cfg["img_end_token_id"],
     )
     if freeze:
         unknown = set(freeze) - set(PART_ATTRIBUTES)

@@ -5,6 +5,7 @@ Layout of a checkpoint root::
     latest                 # one line: the name of the newest complete checkpoint
     step_0000040/          # megatron dist_checkpointing directory (model + optimizer shards)
         meta.json          # step, consumed samples, layout, recipe name, scheduler state
+        manifest.json      # every file above with its size and CRC-32, checked before loading
         ranks/rank00003.pt # per-rank RNG state (restored when resuming at the same layout)
         loader/dp00001.json# data-parallel rank 1's data-loader position
 
@@ -12,6 +13,11 @@ A checkpoint is written to ``step_N.tmp`` and renamed only once every rank has f
 ``latest`` is replaced atomically. A crash at any point leaves the previous checkpoint and
 ``latest`` untouched. Model and optimizer tensors are sharded by megatron, so a checkpoint saved
 at one TP/PP layout loads at another.
+
+Damage after the fact (a truncated or overwritten file, a missing one, a broken ``latest``) is
+found by checking the manifest before loading: a resume takes the newest checkpoint that verifies
+and loads on every rank, names what was wrong with each newer one, and fails with one message
+when none is usable (see :func:`resume`).
 """
 
 from __future__ import annotations
@@ -20,14 +26,23 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
+import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from megatron_vlm.training import checkpoint_meta
+
 LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was expected; the message names each one and its damage."""
 
 
 def _rank() -> int:
@@ -145,21 +160,180 @@ def _complete(path: Path) -> bool:
     return (path / "meta.json").is_file()
 
 
-def latest_checkpoint(root) -> Optional[Path]:
-    """The newest complete checkpoint under ``root``, or None if there is none.
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
-    ``latest`` names it; if that pointer is missing or names an incomplete directory (a crash at
-    the wrong moment, a partial copy), the newest complete ``step_*`` directory is used instead
-    of silently starting over.
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def _file_record(path: Path) -> dict:
+    return {"size": path.stat().st_size, "crc32": _crc32(path)}
+
+
+def _write_manifest(directory: Path) -> None:
+    """Collective: each rank checksums a share of the files; rank 0 writes the manifest."""
+    rank, world = _world()
+    names = [sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+             if rank == 0 else None]
+    if world > 1:
+        torch.distributed.broadcast_object_list(names, src=0)
+    mine = {n: _file_record(directory / n) for n in names[0][rank::world]}
+    parts = [mine]
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+    if rank == 0:
+        files = {k: v for part in parts for k, v in part.items()}
+        (directory / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=0))
+
+
+def checkpoint_problem(path, share: tuple[int, int] = (0, 1)) -> Optional[str]:
+    """What is wrong with the checkpoint directory ``path`` (None: nothing found).
+
+    Checks meta.json and, against manifest.json, that every file exists, is readable and has its
+    recorded size and CRC-32. ``share=(i, n)`` checks only every n-th file from the i-th (ranks
+    split the reading). Checkpoints written before manifests existed only get the first checks.
+    """
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+            return "meta.json has no step"
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError) as e:
+        return f"meta.json is unreadable ({e})"
+    if not (path / "metadata.json").is_file():
+        return "metadata.json (dist_checkpointing) is missing"
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        return None  # written before manifests: nothing more to compare with
+    try:
+        files = json.loads(manifest_file.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    index, count = share
+    for name in sorted(files)[index::count]:
+        expected = files[name]
+        try:
+            if (path / name).stat().st_size != expected["size"]:
+                return (f"{name} has {(path / name).stat().st_size} bytes, "
+                        f"{expected['size']} were saved")
+            if _crc32(path / name) != expected["crc32"]:
+                return f"{name} does not match its saved checksum"
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as e:
+            return f"{name} is unreadable ({e.strerror or e})"
+    return None
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split(".")[0].split("_")[1])
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Checkpoint directories, newest first. ``step_N.old`` (the previous copy of a step being
+    re-saved when a crash hit) comes right after ``step_N``."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+(\.old)?", p.name)]
+    return sorted(found, key=lambda p: (_step_of(p), p.suffix != ".old"), reverse=True)
+
+
+def _latest_note(root: Path, chosen: Optional[Path]) -> Optional[str]:
+    """A remark when ``latest`` is broken or names something other than what is used."""
+    pointer = root / LATEST
+    if not pointer.exists() and not pointer.is_symlink():
+        return None if chosen is None else f"{LATEST} is missing"
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{LATEST} is unreadable ({e})"
+    if not re.fullmatch(r"step_\d+", name):
+        return f"{LATEST} holds {name[:40]!r}, not a checkpoint name"
+    if not (root / name).is_dir():
+        return f"{LATEST} names {name}, which does not exist"
+    return None
+
+
+def latest_checkpoint(root, say: Optional[Callable[[str], None]] = None) -> Optional[Path]:
+    """The newest checkpoint under ``root`` that verifies (see :func:`checkpoint_problem`).
+
+    Used by single-process readers (evaluation, conversion, tests). ``latest`` is not trusted: the
+    step directories are checked newest first and each damaged one is named (``say``, default
+    stderr). None when ``root`` holds no checkpoint at all; :class:`CheckpointError` when it holds
+    some but none verifies (never a silent fresh start).
+    """
+    import sys
+
+    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    root = Path(root)
+    problems = []
+    for path in _candidates(root):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for name, why in problems:
+                say(f"checkpoint {root / name} is damaged ({why}); using {path.name}")
+            return path
+        problems.append((path.name, problem))
+    if problems:
+        raise CheckpointError(f"{root}: no usable checkpoint: " +
+                              "; ".join(f"{n}: {why}" for n, why in problems))
+    return None
+
+
+def resume(root, model_chunks: list, optimizer, scheduler,
+           say: Callable[[str], None]) -> Optional[tuple[Path, dict]]:
+    """Collective: load the newest checkpoint under ``root`` that verifies and loads on every rank.
+
+    Ranks split the verification, then agree on each candidate; a damaged one is named once
+    (``say``, rank 0's printer) and the previous one is tried. Returns (path, meta) or None when
+    ``root`` holds no checkpoint; raises :class:`CheckpointError` when none is usable.
     """
     root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if _complete(path):
-            return path
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.suffix and _complete(p))
-    return complete[-1] if complete else None
+    rank, world = _world()
+    candidates = _candidates(root) if root.is_dir() else []
+    problems = []
+    for path in candidates:
+        problem = _first_problem(checkpoint_problem(path, share=(rank, world)))
+        meta = None
+        if problem is None:
+            try:
+                meta = load_checkpoint(path, model_chunks, optimizer, scheduler, verify=False)
+            except Exception as e:  # noqa: BLE001 - any damage the manifest missed; named below
+                problem = f"loading failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            problem = _first_problem(problem)
+        if problem is None:
+            note = _latest_note(root, path)
+            if problems or note:
+                say("; ".join([f"checkpoint {root / n} is unusable ({why})" for n, why in problems]
+                              + ([note] if note else [])) + f"; resuming from {path.name}")
+            return path, meta
+        problems.append((path.name, problem))
+    if problems:
+        raise CheckpointError(f"{root}: no usable checkpoint: " +
+                              "; ".join(f"{n}: {why}" for n, why in problems))
+    return None
+
+
+def _first_problem(local: Optional[str]) -> Optional[str]:
+    """The same answer on every rank: the first rank's problem with a candidate, if any."""
+    rank, world = _world()
+    if world == 1:
+        return local
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, local)
+    for r, p in enumerate(parts):
+        if p is not None:
+            return f"{p} (rank {r})"
+    return None
 
 
 SUMMARY = "summary.json"
@@ -213,11 +387,13 @@ def save_checkpoint(root, step: int, model_chunks: list, optimizer=None, schedul
         dp_rank = parallel_state.get_data_parallel_rank()
         (tmp / "loader" / f"dp{dp_rank:05d}.json").write_text(json.dumps(loader_state))
     _barrier()
+    _write_manifest(tmp)  # what a complete copy holds; meta.json, written last, is not in it
     if _rank() == 0:
         record = dict(meta or {}, step=step)
         if scheduler is not None:
             record["scheduler"] = scheduler.state_dict()
         (tmp / "meta.json").write_text(json.dumps(record, indent=1))
+        checkpoint_meta.write(tmp)  # recipe + model config: the checkpoint describes itself
         # Re-saving a step: move the old copy aside, so a complete one exists at every moment.
         aside = root / f"{name}.old"
         if final.exists():
@@ -236,17 +412,20 @@ def save_checkpoint(root, step: int, model_chunks: list, optimizer=None, schedul
 
 
 def load_checkpoint(path, model_chunks: list, optimizer=None, scheduler=None,
-                    strict: bool = True) -> dict:
+                    strict: bool = True, verify: bool = True) -> dict:
     """Load model (and optimizer, scheduler, RNG when given) from one checkpoint directory.
 
     Returns its meta record plus ``loader`` (this rank's data-loader state, if saved).
+    ``verify`` checks the directory first (:class:`CheckpointError` naming the damage).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     path = Path(path)
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json)")
+    if verify:
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"{path}: not a usable checkpoint: {problem}")
     state = model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         state["optimizer"] = _optimizer_state_to_load_into(optimizer, state)

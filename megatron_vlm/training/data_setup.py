@@ -6,6 +6,7 @@ from pathlib import Path
 
 from megatron_vlm.data.loader import DatasetSpec, PackedVLMLoader
 from megatron_vlm.data.tokenizer import VLMTokenizer
+from megatron_vlm.data.video import VideoOptions
 
 
 def load_tokenizer(recipe) -> VLMTokenizer:
@@ -17,14 +18,24 @@ def _dataset_name(path: str, index: int) -> str:
     return f"{index}-{parts[-1] if parts else 'data'}"
 
 
+def video_options(recipe, train: bool = True) -> VideoOptions:
+    """The recipe's ``video`` section; evaluation uses the target rate, never a random draw."""
+    v = getattr(recipe, "video", None)
+    if v is None:
+        return VideoOptions()
+    return VideoOptions(fps=v.fps, max_frames=v.max_frames, backend=v.backend, evs_rate=v.evs_rate,
+                        evs_rate_sampling=v.evs_rate_sampling if train else "fixed")
+
+
 def _loader(recipe, sources, tokenizer, vision: dict, dp_rank: int, dp_size: int,
-            **kwargs) -> PackedVLMLoader:
+            train: bool = True, **kwargs) -> PackedVLMLoader:
     specs = [DatasetSpec(_dataset_name(s.path, i), s.path, s.weight) for i, s in enumerate(sources)]
     return PackedVLMLoader(
         specs, tokenizer, seq_length=recipe.data.seq_length,
         micro_batch_size=recipe.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
         tile_size=vision["tile_size"], patch_size=vision["patch_size"],
-        pixel_shuffle_ratio=vision.get("pixel_shuffle_ratio", 0.5), **kwargs)
+        pixel_shuffle_ratio=vision.get("pixel_shuffle_ratio", 0.5), video=video_options(recipe, train),
+        pad_multiple=2 * recipe.parallel.cp if recipe.parallel.cp > 1 else 1, **kwargs)
 
 
 def build_train_loader(recipe, tokenizer, model_cfg: dict, dp_rank: int,
@@ -48,7 +59,7 @@ def build_eval_batches(recipe, tokenizer, model_cfg: dict, dp_rank: int, dp_size
             out[_dataset_name(source.path, i).split("-", 1)[1]] = [None] * recipe.eval.batches
             continue
         loader = _loader(recipe, [source], tokenizer, model_cfg["vision"], dp_rank, dp_size,
-                         seed=recipe.data.seed, shuffle=False, num_epochs=1)
+                         seed=recipe.data.seed, shuffle=False, num_epochs=1, train=False)
         batches = []
         for batch in loader:
             batches.append(batch)

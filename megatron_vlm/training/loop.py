@@ -103,9 +103,10 @@ def run(recipe: Recipe) -> dict:
                         interval=recipe.logging.interval, log_file=run_dir / "train_log.jsonl")
 
     start_step, resumed_first_eval = 0, None
-    resume_from = ckpt.latest_checkpoint(run_dir)
+    resumed = ckpt.resume(run_dir, ddp, optimizer, scheduler, say=progress.say)
+    resume_from = resumed[0] if resumed else None
     if resume_from is not None:
-        meta = ckpt.load_checkpoint(resume_from, ddp, optimizer, scheduler)
+        meta = resumed[1]
         saved_dp = re.search(r"dp=(\d+)", meta.get("layout", ""))
         if meta["loader"] is None or saved_dp is None or int(saved_dp.group(1)) != layout.dp:
             raise RecipeError(

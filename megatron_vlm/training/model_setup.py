@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_vlm.training import checkpoint_meta
 from megatron_vlm.training.recipe import RecipeError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
@@ -58,15 +59,16 @@ def build_model_chunks(recipe):
                           f"the model's vocab_size is {llm_vocab}")
     overrides = {"params_dtype": _DTYPES[recipe.train.precision],
                  "use_cpu_initialization": cpu_mode(),
-                 "sequence_parallel": recipe.parallel.sequence_parallel}
+                 "sequence_parallel": recipe.parallel.sequence_parallel,
+                 "cp_comm_type": recipe.parallel.cp_comm_type}
     if recipe.train.precision != "fp32":
         overrides["bf16"] = True
     overrides.update(recompute_overrides(recipe.recompute))
     if recipe.train.precision == "fp8":
         overrides.update(fp8_overrides(recipe.fp8))
     freeze = {part: True for part in recipe.model.freeze}
-    model = build_vlm(cfg, image_token_id=tokenizer.image_id, freeze=freeze,
-                      vision_recompute=recipe.recompute.vision, **overrides)
+    model = build_vlm(cfg, image_token_id=tokenizer.image_id, img_end_token_id=tokenizer.img_end_id,
+                      freeze=freeze, vision_recompute=recipe.recompute.vision, **overrides)
     if not any(p.requires_grad for p in model.parameters()):
         raise RecipeError(
             f"{recipe.source}: model.freeze={recipe.model.freeze} leaves pipeline stage "
@@ -77,6 +79,7 @@ def build_model_chunks(recipe):
         # megatron's mixed-precision wrapper: bf16 compute, fp32 loss; the optimizer keeps fp32
         # main weights.
         model = Float16Module(model.language_model.config, model)
+    checkpoint_meta.register(recipe, cfg, tokenizer)  # written into every checkpoint
     model_cfg = {"vision": {"tile_size": recipe.data.tile_size,
                             "patch_size": cfg["vision_model"]["patch_size"],
                             "pixel_shuffle_ratio": cfg["downsample_ratio"]},

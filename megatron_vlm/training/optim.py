@@ -21,6 +21,9 @@ def wrap_with_ddp(model_chunks: List[torch.nn.Module], distributed_optimizer: bo
     )
     wrapped = []
     for index, chunk in enumerate(model_chunks):
+        # Per-token loss (training/step.py masked_lm_loss): DDP sums gradients over data- and
+        # context-parallel ranks, finalize_model_grads divides by the global token count.
+        chunk.config.calculate_per_token_loss = True
         wrapped.append(DistributedDataParallel(
             config=chunk.config, ddp_config=ddp_config, module=chunk,
             # Only the first chunk buckets: later virtual-pipeline chunks finish their backward first.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ class ParallelSection:
     pp: int = 1
     cp: int = 1
     sequence_parallel: bool = False
+    cp_comm_type: str = "p2p"        # TE's context-parallel attention exchange (GPU): p2p | all_gather | a2a
 
 
 @dataclass
@@ -124,6 +126,15 @@ class EvalSection:
 
 
 @dataclass
+class VideoSection:
+    fps: float = 2.0                 # frames sampled per second of a clip
+    max_frames: int = 128            # longer clips: this many frames spread uniformly
+    evs_rate: float = 0.0            # EVS pruning rate q of video tokens (0 = off), train and eval
+    evs_rate_sampling: str = "fixed"  # fixed | beta (training: a per-sample rate around evs_rate)
+    backend: str = "auto"            # auto | dali_gpu | dali_cpu | pyav (video_decode.py)
+
+
+@dataclass
 class Recipe:
     name: str
     model: ModelSection
@@ -137,6 +148,7 @@ class Recipe:
     eval: EvalSection = field(default_factory=EvalSection)
     recompute: RecomputeSection = field(default_factory=RecomputeSection)
     fp8: Fp8Section = field(default_factory=Fp8Section)
+    video: VideoSection = field(default_factory=VideoSection)
     description: str = ""
     source: str = ""                 # the file it came from (filled in by load_recipe)
 
@@ -144,9 +156,12 @@ class Recipe:
 CHOICES = {
     "train.precision": ("fp32", "bf16", "fp8"),
     "schedule.decay": ("cosine", "linear", "constant"),
+    "parallel.cp_comm_type": ("p2p", "all_gather", "a2a"),
     "recompute.mode": ("none", "selective", "full"),
     "recompute.method": ("uniform", "block"),
     "fp8.recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
+    "video.evs_rate_sampling": ("fixed", "beta"),
+    "video.backend": ("auto", "dali_gpu", "dali_cpu", "pyav"),
 }
 
 
@@ -166,9 +181,13 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        raise RecipeError(f"{path}: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections")
     base = raw.pop("base", None)
@@ -177,17 +196,31 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     return _deep_merge(_read_yaml((path.parent / base).resolve(), seen + (path,)), raw)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: where, and what (PyYAML's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    return f"not valid YAML: {where}{what}"
+
+
 def apply_override(raw: dict, override: str, source: str) -> None:
     if "=" not in override:
         raise RecipeError(f"{source}: override {override!r} must look like section.key=value")
     dotted, value = override.split("=", 1)
     keys = dotted.strip().split(".")
+    if not all(k.strip() for k in keys):
+        raise RecipeError(f"{source}: override {override!r}: empty key (section.key=value)")
     node = raw
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise RecipeError(f"{source}: override {dotted}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(value)
+    try:
+        node[keys[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: override {dotted}: value {value!r} is {_yaml_problem(e)}") \
+            from None
 
 
 def _type_name(tp) -> str:
@@ -226,6 +259,8 @@ def _build(cls, raw, where: str, source: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in raw:
+        if not isinstance(key, str):
+            raise RecipeError(f"{source}: {where or 'recipe'}: key {key!r} is not a name")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -244,7 +279,56 @@ def _build(cls, raw, where: str, source: str):
     return cls(**kwargs)
 
 
+def _check_finite(node, where: str, src: str) -> None:
+    """Every float anywhere in the recipe (all sections, also ones added later) is finite."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _check_finite(getattr(node, f.name), ".".join(filter(None, [where, f.name])), src)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_finite(item, f"{where}[{i}]", src)
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise RecipeError(f"{src}: {where}: must be a finite number, got {node}")
+
+
+def _check_ranges(recipe: Recipe, src: str) -> None:
+    """Values whose sign or range the types cannot express."""
+    o, t = recipe.optimizer, recipe.train
+    rules = [
+        ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optimizer.adam_beta1", o.adam_beta1, 0 <= o.adam_beta1 < 1, "in [0, 1)"),
+        ("optimizer.adam_beta2", o.adam_beta2, 0 <= o.adam_beta2 < 1, "in [0, 1)"),
+        ("optimizer.adam_eps", o.adam_eps, o.adam_eps > 0, "> 0"),
+        ("optimizer.clip_grad", o.clip_grad, o.clip_grad >= 0, ">= 0 (0 disables clipping)"),
+        ("schedule.warmup_steps", recipe.schedule.warmup_steps,
+         recipe.schedule.warmup_steps >= 0, ">= 0"),
+        ("train.seed", t.seed, t.seed >= 0, ">= 0"),
+        ("data.seed", recipe.data.seed, recipe.data.seed >= 0, ">= 0"),
+        ("data.tile_size", recipe.data.tile_size, recipe.data.tile_size >= 1, ">= 1"),
+        ("eval.max_new_tokens", recipe.eval.max_new_tokens, recipe.eval.max_new_tokens >= 1,
+         ">= 1"),
+    ]
+    if t.max_wall_minutes is not None:
+        rules.append(("train.max_wall_minutes", t.max_wall_minutes, t.max_wall_minutes > 0, "> 0"))
+    for key, value, ok, rule in rules:
+        if not ok:
+            raise RecipeError(f"{src}: {key}: must be {rule}, got {value}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise RecipeError(f"{src}: train.global_batch_size={t.global_batch_size} is not a "
+                          f"multiple of train.micro_batch_size={t.micro_batch_size}")
+    for key, value in (("checkpoint.dir", recipe.checkpoint.dir), ("model.config", recipe.model.config),
+                       ("data.tokenizer", recipe.data.tokenizer)):
+        if not value.strip():
+            raise RecipeError(f"{src}: {key}: must not be empty")
+    for section in ("blend", "eval"):
+        for i, ds in enumerate(getattr(recipe.data, section)):
+            if not ds.path.strip() or any(not part.strip() for part in ds.path.split("::")):
+                raise RecipeError(f"{src}: data.{section}[{i}].path: empty path in {ds.path!r}")
+
+
 def _check_values(recipe: Recipe, src: str) -> None:
+    _check_finite(recipe, "", src)
+    _check_ranges(recipe, src)
     positive = {"train.steps": recipe.train.steps,
                 "train.global_batch_size": recipe.train.global_batch_size,
                 "train.micro_batch_size": recipe.train.micro_batch_size,
@@ -277,9 +361,7 @@ def _check_values(recipe: Recipe, src: str) -> None:
             raise RecipeError(f"{src}: {key}: must be >= 1, got {value}")
     if recipe.eval.batches < 1:
         raise RecipeError(f"{src}: eval.batches: must be >= 1, got {recipe.eval.batches}")
-    if recipe.parallel.cp > 1:
-        raise RecipeError(f"{src}: parallel.cp: context parallelism is not implemented yet (the "
-                          "Mamba mixer, the data split and the loss reduction lack it); use cp=1")
+    _check_context_parallel(recipe, src)
     if recipe.parallel.sequence_parallel and recipe.parallel.tp == 1:
         raise RecipeError(f"{src}: parallel.sequence_parallel: needs tp > 1")
     if recipe.parallel.sequence_parallel and recipe.data.seq_length % recipe.parallel.tp:
@@ -290,6 +372,53 @@ def _check_values(recipe: Recipe, src: str) -> None:
     for i, ds in enumerate(recipe.data.blend):
         if ds.weight <= 0:
             raise RecipeError(f"{src}: data.blend[{i}].weight: must be > 0, got {ds.weight}")
+    video = recipe.video
+    if video.fps <= 0 or video.max_frames < 1:
+        raise RecipeError(f"{src}: video: need fps > 0 and max_frames >= 1, got {video.fps}, {video.max_frames}")
+    if not 0.0 <= video.evs_rate < 1.0:
+        raise RecipeError(f"{src}: video.evs_rate: must be in [0, 1), got {video.evs_rate}")
+
+
+def _check_context_parallel(recipe: Recipe, src: str) -> None:
+    """CP cuts every packed sample into 2*cp chunks (and each rank's share over TP with sequence
+    parallelism), one packed row per micro batch (megatron's THD layout)."""
+    p = recipe.parallel
+    if p.cp == 1:
+        return
+    multiple = 2 * p.cp * (p.tp if p.sequence_parallel else 1)
+    if recipe.data.seq_length % multiple:
+        what = "2 x cp x tp (sequence parallelism)" if p.sequence_parallel else "2 x cp"
+        raise RecipeError(f"{src}: data.seq_length={recipe.data.seq_length} must be divisible by "
+                          f"{what} = {multiple} with parallel.cp={p.cp}")
+    if recipe.train.micro_batch_size != 1:
+        raise RecipeError(f"{src}: train.micro_batch_size={recipe.train.micro_batch_size}: "
+                          f"context parallelism (parallel.cp={p.cp}) takes one packed row per "
+                          "micro batch; use micro_batch_size=1")
+
+
+def check_model_parallel(recipe: Recipe) -> None:
+    """Parallel sizes against the model's heads (needs the model YAML): one line per problem."""
+    from megatron_vlm.models.context_parallel import check_mamba_cp_sizes
+    from megatron_vlm.models.vlm import load_vlm_config
+
+    p = recipe.parallel
+    if p.cp == 1:
+        return
+    llm = load_vlm_config(recipe.model.config)["language_model"]
+    heads, groups = llm["mamba_num_heads"], llm["mamba_num_groups"]
+    if heads is None:
+        heads = 2 * llm["hidden_size"] // llm["mamba_head_dim"]
+    problem = check_mamba_cp_sizes(heads, groups, p.tp, p.cp)
+    if problem:
+        raise RecipeError(f"{recipe.source}: parallel.cp={p.cp}: {problem} "
+                          f"({recipe.model.config}, tp={p.tp})")
+    if p.cp_comm_type == "a2a":
+        for key in ("num_attention_heads", "num_query_groups"):
+            n = llm[key] or llm["num_attention_heads"]
+            if (n // p.tp) % p.cp:
+                raise RecipeError(f"{recipe.source}: parallel.cp_comm_type=a2a: {key}={n} per "
+                                  f"tensor-parallel rank ({n // p.tp}) must be divisible by "
+                                  f"cp={p.cp}; use p2p or all_gather")
 
 
 def load_recipe(path, overrides: Optional[list] = None) -> Recipe:
@@ -327,11 +456,13 @@ def check_paths(recipe: Recipe) -> None:
     checks = [("model.config", recipe.model.config), ("data.tokenizer", recipe.data.tokenizer)]
     checks += [(f"data.blend[{i}].path", d.path) for i, d in enumerate(recipe.data.blend)]
     checks += [(f"data.eval[{i}].path", d.path) for i, d in enumerate(recipe.data.eval)]
-    for key, value in checks:
-        if "://" in value or any(c in value for c in "{*"):
-            continue  # URLs and brace/glob shard specs are resolved by the loader
-        if not Path(value).expanduser().exists():  # relative to the working directory
-            raise RecipeError(f"{recipe.source}: {key}: path does not exist: {value}")
+    for key, spec in checks:
+        for value in spec.split("::"):  # `a.tar::b.tar`: a list of shards, as the loader reads it
+            if "://" in value or any(c in value for c in "{*"):
+                continue  # URLs and brace/glob shard specs are resolved by the loader
+            if not Path(value).expanduser().exists():  # relative to the working directory
+                raise RecipeError(f"{recipe.source}: {key}: path does not exist: {value}")
+    check_model_parallel(recipe)
     if recipe.train.precision == "fp8":
         try:
             import transformer_engine  # noqa: F401

@@ -5,18 +5,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 
+from megatron_vlm.models.context_parallel import shard_tokens
+from megatron_vlm.models.packing import make_packed_seq_params
 from megatron_vlm.training.batch_io import get_batch
 from megatron_vlm.training.step import masked_lm_loss
-
-
-def packed_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqParams:
-    """Packed-sample boundaries for the model; ``max_seqlen`` comes from the host-side batch, so
-    no device sync is needed to find it."""
-    cu = cu_seqlens.to(torch.int32)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen))
 
 
 def vlm_forward_step(data_iterator, model: torch.nn.Module):
@@ -24,9 +17,11 @@ def vlm_forward_step(data_iterator, model: torch.nn.Module):
     optional ``cu_seqlens``/``max_seqlen`` for packed rows); ``get_batch`` gives each pipeline
     stage what it uses, on the device."""
     batch = get_batch(data_iterator)
-    packed = None
-    if batch.get("cu_seqlens") is not None:
-        packed = packed_params(batch["cu_seqlens"], batch["max_seqlen"])
+    cu_seqlens, packed = batch.get("cu_seqlens"), None
+    if cu_seqlens is not None:  # max_seqlen comes from the host-side batch: no device sync
+        packed = make_packed_seq_params(cu_seqlens, max_seqlen=batch.get("max_seqlen"))
     output = model(batch.get("tokens"), tiles=batch.get("tiles"), labels=batch.get("labels"),
-                   packed_seq_params=packed)
-    return output, partial(masked_lm_loss, batch.get("loss_mask"))
+                   packed_seq_params=packed, tiles_per_media=batch.get("tiles_per_media"),
+                   media_tokens=batch.get("media_tokens"))
+    # The model returns this context-parallel rank's token losses: take its share of the mask.
+    return output, partial(masked_lm_loss, shard_tokens(batch.get("loss_mask"), cu_seqlens))

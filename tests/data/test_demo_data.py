@@ -10,6 +10,7 @@ from megatron_vlm.data.loader import DatasetSpec, PackedVLMLoader
 from megatron_vlm.data.prompt import PromptEncoder
 from megatron_vlm.data.tiling import TilingConfig, tokens_per_tile
 from megatron_vlm.data.tokenizer import VLMTokenizer
+from megatron_vlm.data.video import VideoOptions
 
 
 def test_demo_corpus_end_to_end(tmp_path):
@@ -34,7 +35,7 @@ def test_demo_corpus_end_to_end(tmp_path):
         for r in evals:  # the reference answer is the last assistant turn; a prompt can be built from it
             assert r["messages"][-1] == {"role": "assistant", "content": r["answer"]}
             media = [{"type": "image", "tiles": ["x"], "grid": [1, 1]}] * len(r.get("images", []))
-            media += [{"type": "video", "frames": [{"t": t, "tile": "x"} for t in v["timestamps"]]}
+            media += [{"type": "video", "frames": [{"t": 0.5 * k} for k in range(4)]}
                       for v in r.get("videos", [])]
             prompt = tok.decode(encoder.generation_prompt(r["messages"], media))
             assert prompt.endswith("<SPECIAL_11>Assistant\n<think></think>")
@@ -45,13 +46,18 @@ def test_demo_corpus_end_to_end(tmp_path):
             for r in evals:
                 assert f"is {r['answer']}." in r["messages"][1]["content"]
         for r in train[:3]:
-            for path in r.get("images", []) + [f for v in r.get("videos", []) for f in v["frames"]]:
+            for path in r.get("images", []):
                 pixels = np.asarray(Image.open(os.path.join(out, "raw", task, path)))
                 assert pixels.std() > 5  # something is drawn
     specs = [DatasetSpec(t, os.path.join(out, d["train"]), d["weight"]) for t, d in info["datasets"].items()]
-    loader = PackedVLMLoader(specs, tok, seq_length=512, micro_batch_size=2, tile_size=64, patch_size=16)
+    loader = PackedVLMLoader(specs, tok, seq_length=512, micro_batch_size=2, tile_size=64, patch_size=16,
+                             video=VideoOptions(max_frames=16, evs_rate=0.75))
     for _ in range(4):
         check_batch(next(loader), tok.image_id, tokens_per_tile(64, 16))
     assert loader.counters["total"]["samples_used"] > 0
     assert sum(v for k, v in loader.counters["total"].items() if k not in ("samples_read", "samples_used",
-                                                                           "truncated_text")) == 0
+                                                                           "truncated_text")
+               and not k.startswith("video_")) == 0
+    assert loader.counters["total"]["video_error"] == 0
+    clips = sorted(os.listdir(os.path.join(out, "raw", "video", "clips")))
+    assert any(c.endswith(".mp4") for c in clips) and any(c.endswith(".webm") for c in clips)

@@ -1,0 +1,173 @@
+"""Ours against ``transformers`` on the same weights, interleaved in one process.
+
+Two comparisons of the tiny Nemotron-H (fp32, CPU, batch 1):
+
+1. training step (forward, backward, AdamW) at 1K / 4K / 16K tokens: ours (megatron-core
+   ``MambaModel`` with the local specs) vs ``NemotronHForCausalLM`` in a plain PyTorch loop,
+   both with ``torch.optim.AdamW``; the first step's losses are checked equal;
+2. greedy generation, 512-token prompt + 64 new tokens: ours with the decode state
+   (``megatron_vlm.evaluation.generate.greedy_generate``) vs ``generate(use_cache=True)``;
+   the generated tokens are checked equal.
+
+Timing: after warm-up, A, B, A, B, ... (``--repeats`` pairs); the table gives each side's median,
+the ratio of medians (ours / transformers, in tokens/s) and the spread (the lowest and highest
+per-pair ratio), so load from other processes hits both sides alike.
+
+    python -m bench.bench_vs_hf --out results.md [--lengths 1024 4096 16384] [--repeats 3]
+"""
+
+import argparse
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def build_pair(max_len: int):
+    """Ours and transformers' model with identical random weights (dt clamped as HF does)."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    from megatron_vlm.models.config import load_model_config
+    from megatron_vlm.models.hf_mapping_llm import hf_config_kwargs, hf_to_megatron
+    from megatron_vlm.models.llm import build_hybrid_llm
+
+    cfg = load_model_config("nemotron_h_tiny")
+    cfg.update(mamba_dt_clamp_min=0.001, params_dtype="float32", max_sequence_length=max_len)
+    torch.manual_seed(0)
+    hf_cfg = NemotronHConfig(**hf_config_kwargs(cfg))
+    hf_cfg._attn_implementation = "sdpa"
+    hf = NemotronHForCausalLM(hf_cfg)
+    ours = build_hybrid_llm(cfg, impl="local", use_cpu_initialization=True)
+    missing, unexpected = ours.load_state_dict(hf_to_megatron(hf.state_dict(), cfg), strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+    return cfg, ours, hf
+
+
+def interleaved(fn_a, fn_b, repeats: int, warmup: int = 1):
+    for _ in range(warmup):
+        fn_a(), fn_b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, times in ((fn_a, ta), (fn_b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return ta, tb
+
+
+def summary(work: float, ta, tb):
+    """(ours units/s, theirs units/s, ratio of medians, lowest pair ratio, highest pair ratio)."""
+    ma, mb = statistics.median(ta), statistics.median(tb)
+    pairs = [b / a for a, b in zip(ta, tb)]
+    return work / ma, work / mb, mb / ma, min(pairs), max(pairs)
+
+
+def bench_train(ours, hf, cfg, lengths, repeats):
+    opt_a = torch.optim.AdamW(ours.parameters(), lr=1e-5)
+    opt_b = torch.optim.AdamW(hf.parameters(), lr=1e-5)
+    ours.train(), hf.train()
+    rows = []
+    for L in lengths:
+        ids = torch.randint(0, cfg["vocab_size"], (1, L), generator=torch.Generator().manual_seed(L))
+        labels = torch.roll(ids, -1, dims=1)
+
+        def step_ours():
+            opt_a.zero_grad(set_to_none=True)
+            loss = ours(ids, None, None, labels=labels)[:, :-1].mean()  # HF predicts L-1 tokens
+            loss.backward()
+            opt_a.step()
+            return loss.item()
+
+        def step_hf():
+            opt_b.zero_grad(set_to_none=True)
+            loss = hf(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            opt_b.step()
+            return loss.item()
+
+        # Same weights before the first step: the losses must agree.
+        with torch.no_grad():
+            la = ours(ids, None, None, labels=labels)[:, :-1].mean().item()
+            lb = hf(input_ids=ids, labels=ids, use_cache=False).loss.item()
+        ta, tb = interleaved(step_ours, step_hf, repeats if L < 16384 else max(2, repeats - 1))
+        row = (L, abs(la - lb)) + summary(L, ta, tb)
+        rows.append(row)
+        print(f"train L={L}: ours {row[2]:,.0f} tok/s, transformers {row[3]:,.0f} tok/s, "
+              f"ratio {row[4]:.2f} [{row[5]:.2f}, {row[6]:.2f}], |loss diff| {row[1]:.1e}", flush=True)
+    return rows
+
+
+def bench_generate(ours, hf, cfg, prompt_len: int, new_tokens: int, repeats: int):
+    from megatron_vlm.evaluation.generate import greedy_generate
+
+    ours.eval(), hf.eval()
+    ids = torch.randint(0, cfg["vocab_size"], (1, prompt_len), generator=torch.Generator().manual_seed(7))
+    out = {}
+
+    def gen_ours():
+        out["ours"] = greedy_generate(ours, ids[0].tolist(), max_new_tokens=new_tokens).tokens
+
+    @torch.no_grad()
+    def gen_hf():
+        seq = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                          pad_token_id=0)
+        out["hf"] = seq[0, prompt_len:].tolist()
+
+    ta, tb = interleaved(gen_ours, gen_hf, repeats)
+    same = sum(a == b for a, b in zip(out["ours"], out["hf"]))
+    row = (prompt_len, new_tokens, same) + summary(new_tokens, ta, tb)
+    print(f"generate {prompt_len}+{new_tokens}: ours {row[3]:.1f} tok/s, transformers {row[4]:.1f} "
+          f"tok/s, ratio {row[5]:.2f} [{row[6]:.2f}, {row[7]:.2f}], {same}/{new_tokens} tokens equal",
+          flush=True)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+
+    from megatron_vlm.distributed import destroy_distributed, initialize_distributed
+
+    initialize_distributed()
+    cfg, ours, hf = build_pair(max(args.lengths + [args.prompt + args.new_tokens]))
+    gen = bench_generate(ours, hf, cfg, args.prompt, args.new_tokens, args.repeats)
+    train = bench_train(ours, hf, cfg, args.lengths, args.repeats)
+    destroy_distributed()
+
+    k = lambda L: f"{L // 1024}K" if L % 1024 == 0 else str(L)  # noqa: E731
+    lines = [
+        "## Ours vs transformers (bench_vs_hf)", "",
+        f"Tiny Nemotron-H, same weights, fp32, batch 1, {torch.get_num_threads()} CPU threads; "
+        "interleaved A, B, A, B after one warm-up pair; ratio = ours / transformers tokens/s "
+        "(ratio of medians), spread = lowest and highest per-pair ratio.", "",
+        "| measurement | ours tok/s | transformers tok/s | ratio | spread | check |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for L, diff, a, b, r, lo, hi in train:
+        lines.append(f"| training step {k(L)} (fwd+bwd+AdamW) | {a:,.0f} | {b:,.0f} | {r:.2f}x | "
+                     f"{lo:.2f}-{hi:.2f} | first-step loss diff {diff:.1e} |")
+    p, n, same, a, b, r, lo, hi = gen
+    lines.append(f"| greedy generation, {p}-token prompt + {n} new (ours: decode state; "
+                 f"transformers: its cache) | {a:.1f} | {b:.1f} | {r:.2f}x | {lo:.2f}-{hi:.2f} | "
+                 f"{same}/{n} tokens equal |")
+    lines += ["", f"Machine load at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
+              "(1/5/15 min); the machine is shared, so absolute numbers move, ratios less."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Released checkpoints in: what ``transformers`` itself writes (``save_pretrained``) for the
+released Nemotron Nano V2 VL layout -- the whole VLM, the NemotronH LLM alone, the RADIO tower
+alone -- imports bit-exactly into our model and exports back to the same tensors.
+
+The configs are the released ones' layout (hybrid pattern ``M-``/``M*`` blocks, GQA 5:1, 8 Mamba
+groups, untied embeddings, 3 class tokens + 7 registers, LayerScale tensors written by
+transformers' RadioModel), shrunk in width and depth. Weights are random (not transformers'
+constant inits), so a tensor mapped to the wrong place cannot go unnoticed.
+"""
+
+import pytest
+import torch
+
+from megatron_vlm.conversion import hf
+from megatron_vlm.conversion.safetensors_io import SafetensorsDirReader
+
+HIDDEN = 80
+LLM_HF = dict(  # released NemotronH config keys and semantics, shrunk
+    vocab_size=1024, hidden_size=HIDDEN, hybrid_override_pattern="M-M*-M-", intermediate_size=320,
+    num_attention_heads=10, num_key_value_heads=2, head_dim=16, mamba_num_heads=16,
+    mamba_head_dim=10, ssm_state_size=16, n_groups=8, conv_kernel=4, chunk_size=128,
+    time_step_min=0.001, time_step_max=0.1, time_step_limit=(0.0, float("inf")),
+    layer_norm_epsilon=1e-5, mlp_hidden_act="relu2", use_bias=False, use_conv_bias=True,
+    attention_bias=False, mlp_bias=False, tie_word_embeddings=False, residual_in_fp32=False,
+    max_position_embeddings=4096)
+RADIO_HF = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4.0,
+                patch_size=16, max_img_size=256, num_cls_tokens=3, num_registers=7,
+                video_temporal_patch_size=2)
+OURS = {  # the same model in our config terms
+    "name": "released_shrunk", "downsample_ratio": 0.5, "projector_hidden_size": 4 * HIDDEN,
+    "projector_norm_eps": 1e-5, "image_token_id": None,
+    "language_model": dict(
+        hybrid_override_pattern="M-M*-M-", hidden_size=HIDDEN, ffn_hidden_size=320,
+        num_attention_heads=10, num_query_groups=2, kv_channels=16, mamba_num_heads=16,
+        mamba_head_dim=10, mamba_state_dim=16, mamba_num_groups=8, mamba_chunk_size=128,
+        vocab_size=1024, max_sequence_length=4096),
+    "vision_model": dict(hidden_size=64, num_layers=2, num_attention_heads=4, ffn_hidden_size=256,
+                         activation="gelu", layernorm_epsilon=1e-6, patch_size=16,
+                         max_img_size=256, class_token_len=10),
+}
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_scale" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _save(model, out):
+    model.save_pretrained(str(out))
+    return SafetensorsDirReader(out).read_all()
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """transformers' own save_pretrained of the three released-layout models."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM, RadioConfig, RadioModel
+    from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3_Config)
+    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3)
+
+    torch.manual_seed(0)
+    out = {}
+    llm = NemotronHForCausalLM(NemotronHConfig(**LLM_HF))
+    _randomize(llm, 1)
+    out["llm"] = tmp_path_factory.mktemp("released_llm")
+    radio = RadioModel(RadioConfig(**RADIO_HF))
+    _randomize(radio, 2)
+    out["vision"] = tmp_path_factory.mktemp("released_radio")
+    vlm = NemotronH_Omni_Reasoning_V3(NemotronH_Omni_Reasoning_V3_Config(
+        text_config=LLM_HF, vision_config=RADIO_HF, downsample_ratio=0.5,
+        projector_hidden_size=4 * HIDDEN, vision_hidden_size=64, image_token_id=7))
+    _randomize(vlm, 3)
+    out["vlm"] = tmp_path_factory.mktemp("released_vlm")
+    return {"llm": (out["llm"], _save(llm, out["llm"])),
+            "vision": (out["vision"], _save(radio, out["vision"])),
+            "vlm": (out["vlm"], _save(vlm, out["vlm"]))}
+
+
+@pytest.fixture(scope="module")
+def ours_cfg():
+    from megatron_vlm.models.vlm import load_vlm_config
+
+    return load_vlm_config(OURS)
+
+
+@pytest.mark.parametrize("part", ["vlm", "llm", "vision"])
+def test_transformers_save_pretrained_imports_bit_exactly_and_exports_back(
+        single_process_megatron, written, ours_cfg, part, tmp_path):
+    from megatron_vlm.models.vlm import build_vlm
+
+    hf_dir, saved = written[part]
+    model = build_vlm(ours_cfg, image_token_id=7, use_cpu_initialization=True)
+    before = {k: v.clone() for k, v in hf.full_state(model).items()}
+    layout = hf.import_into(model, hf_dir, ours_cfg)
+    assert layout == {"vlm": "released"}.get(part, part)
+    after = hf.full_state(model)
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    parts = {"vlm": ("language_model.", "vision_model.", "vision_projection."),
+             "llm": ("language_model.",), "vision": ("vision_model.",)}[part]
+    # Exactly the part the directory holds is replaced (the rest keeps the fresh init).
+    assert changed == {k for k in after if k.startswith(parts)}
+
+    # transformers writes the released names (its save reverses its load-time renames).
+    assert any(k.startswith(("backbone.", "language_model.backbone.", "radio_model.",
+                             "vision_model.radio_model.")) for k in saved)
+
+    # Re-export, and let transformers load both: every tensor of the model is the same.
+    kind = "llm" if part == "llm" else "vlm"
+    state = hf.full_state(model)
+    out = tmp_path / "re-export"
+    hf.export_hf(state.__getitem__, {k: (v.shape, v.dtype) for k, v in state.items()}, ours_cfg,
+                 kind, out, {"vocab_size": 1024, "eos_id": 2, "pad_id": 0, "bos_id": None,
+                             "image_id": 7})
+    original, exported = _load(part, hf_dir), _load(part, out)
+    if part == "vision":  # our export holds the whole VLM: compare its tower
+        exported = {k[len("vision_model."):]: v for k, v in exported.items()
+                    if k.startswith("vision_model.")}
+        # The omni model normalises outside its tower (as our preprocessing does): the tower's
+        # input conditioner, checked to hold the CLIP statistics on import, is not part of it.
+        original = {k: v for k, v in original.items() if not k.startswith("input_conditioner.")}
+    assert set(exported) >= set(original)
+    # Only the omni video embedder (no counterpart in our model) is not exported.
+    differ = sorted(k for k in original if not torch.equal(exported[k], original[k]))
+    assert differ == ([] if part == "llm" else
+                      [next(k for k in original if "video_patch_projection" in k)])
+
+
+def _load(part, directory):
+    """transformers' model of a directory (by its config's model type), as a state dict."""
+    import json
+
+    from transformers import AutoModelForImageTextToText, NemotronHForCausalLM, RadioModel
+
+    model_type = json.loads((directory / "config.json").read_text())["model_type"]
+    cls = {"nemotron_h_omni": AutoModelForImageTextToText, "nemotron_h": NemotronHForCausalLM,
+           "radio": RadioModel}[model_type]
+    return dict(cls.from_pretrained(str(directory), dtype=torch.float32).state_dict())
+
+
+def test_layerscale_other_than_one_is_refused(single_process_megatron, written, ours_cfg, tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_vlm.models.vlm import build_vlm
+
+    hf_dir, saved = written["vision"]
+    bad = dict(saved)
+    key = next(k for k in bad if "layer_scale1" in k)
+    bad[key] = bad[key] * 0.5
+    save_file(bad, str(tmp_path / "model.safetensors"))
+    model = build_vlm(ours_cfg, image_token_id=7, use_cpu_initialization=True)
+    with pytest.raises(ValueError, match="LayerScale"):
+        hf.import_into(model, tmp_path, ours_cfg)
+
+
+def test_unmapped_tensor_and_wrong_shape_are_named(single_process_megatron, written, ours_cfg,
+                                                   tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_vlm.models.vlm import build_vlm
+
+    hf_dir, saved = written["llm"]
+    model = build_vlm(ours_cfg, image_token_id=7, use_cpu_initialization=True)
+    save_file(dict(saved, **{"model.layers.0.mixer.extra": torch.ones(2)}),
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"not mapped: \['model.layers.0.mixer.extra'\]"):
+        hf.import_into(model, tmp_path, ours_cfg)
+    wrong = dict(saved)
+    wrong["backbone.layers.1.mixer.up_proj.weight"] = torch.zeros(64, HIDDEN)
+    save_file(wrong, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="decoder.layers.1.mlp.linear_fc1.weight: HF gives"):
+        hf.import_into(model, tmp_path, ours_cfg)

@@ -1,0 +1,1 @@
+from tests.training.conftest import demo_data, workdir  # noqa: F401
