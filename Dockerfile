@@ -13,9 +13,13 @@ COPY megatron_vlm ./megatron_vlm
 COPY data_prep ./data_prep
 COPY tools ./tools
 COPY recipes ./recipes
+# The GPU smoke tests: `docker run --gpus all IMAGE make test-gpu`
+COPY Makefile pytest.ini ./
+COPY tests ./tests
 
 # mamba-ssm, causal-conv1d and flash-attn compile against the image's torch: no build isolation.
-RUN pip install --no-build-isolation -e ".[gpu]" \
+# pytest (the dev pin) for `make test-gpu`; not the `dev` extra, which would pull the CPU torch.
+RUN pip install --no-build-isolation -e ".[gpu]" pytest==9.2.0 \
  && python -c "import megatron.core, transformer_engine, mamba_ssm, causal_conv1d; print('GPU extras ok')"
 
 CMD ["bash"]

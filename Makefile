@@ -7,12 +7,13 @@ TORCH_INDEX ?=
 # Tests that start torchrun use both cores; a single pytest worker keeps them from oversubscribing.
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider --durations=10
 
-.PHONY: help venv test test-all demo bench clean golden
+.PHONY: help venv test test-all test-gpu demo bench clean golden
 
 help:
 	@echo "make demo      - set up, generate demo data, run the tiny Stage 0-4 recipes on CPU"
 	@echo "make test      - set up and run the test suite (under 15 minutes on 2 cores)"
 	@echo "make test-all  - also the slow tests"
+	@echo "make test-gpu  - GPU smoke tests (in the Docker image; skipped without CUDA)"
 	@echo "make bench     - benchmarks, written to bench/results.md"
 	@echo "make golden    - regenerate the golden losses (tests/golden/*.json) after a numerics change"
 
@@ -28,10 +29,16 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: venv
-	$(PYTEST) -m "not slow" tests
+	$(PYTEST) -m "not slow and not gpu" tests
 
 test-all: venv
-	$(PYTEST) tests
+	$(PYTEST) -m "not gpu" tests
+
+# On a GPU machine, e.g. in the Docker image: python is the image's (CUDA torch + TE + kernels).
+# -rs prints why a test was skipped (no CUDA, a missing kernel package, one GPU only).
+GPU_PY ?= python
+test-gpu:
+	$(GPU_PY) -m pytest -q -p no:cacheprovider -rs --durations=10 -m gpu tests/cluster
 
 demo: venv
 	$(PY) -m tools.demo

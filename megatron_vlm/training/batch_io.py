@@ -1,20 +1,26 @@
 """Batches from the loader to the model's device: read once per model-parallel group, broadcast.
 
-    batch = get_batch(data_iterator)        # in a forward step; every rank of the group calls it
+    batches = distribute_step_batches(fetched)   # in the loop, before megatron's schedule
+    batch = get_batch(data_iterator)             # in a forward step
 
 One rank per model-parallel group (TP x PP) reads and decodes: tensor-parallel rank 0 of the first
-pipeline stage, ``is_data_reader()``. Its loader is the only one of the group; the other ranks'
-iterators yield None. As megatron's ``broadcast_data``, the reader moves the batch to the device
-(pinned + non-blocking on CUDA) and broadcasts it; the others allocate and receive. What each
-rank receives is what its stage uses:
+pipeline stage, ``is_data_reader()``. Its loader is the only one of the group; the other ranks
+fetch None. As megatron's ``broadcast_data``, the reader moves tensors to the device (pinned +
+non-blocking on CUDA) and broadcasts them; the others allocate and receive. Two phases, so that no
+collective spans pipeline stages while the schedule runs (a stage waiting in a pipeline receive
+would never join it):
 
-* every stage: ``cu_seqlens`` (packed samples reach every mixer) and the header values;
-* first stage: ``tokens`` and ``tiles`` (with any other vision-side tensor; only its
-  tensor-parallel group takes part in their broadcast, so later stages never hold image data);
-* last stage: ``labels`` and ``loss_mask``.
+1. ``distribute_step_batches``, with every rank at the same point before the schedule: a small
+   header (shapes, ``max_seqlen``, sample keys) and the text tensors over the model-parallel
+   group. Each stage keeps what it uses: ``cu_seqlens`` (and an ``attention_mask``) everywhere,
+   ``tokens``/``position_ids`` on the first stage, ``labels``/``loss_mask`` on the last.
+2. ``get_batch``, inside the forward step: the vision tensors (``tiles``, ``tiles_per_media`` and
+   any other non-text tensor) go from the reader to its tensor-parallel peers on the first stage
+   only, so later stages never decode or hold image data; one micro-batch of tiles at a time is
+   on the device.
 
-``tokens``/``labels``/``loss_mask``/``position_ids`` are small and go to the whole group in one
-broadcast each. All of it is the one place where batches change device.
+``get_batch`` also takes a plain loader batch (tests, tools, a lone rank): it is moved as is. It
+is the one place where batches change device.
 """
 
 from __future__ import annotations
@@ -95,13 +101,6 @@ def to_device(batch: dict, dev: Optional[torch.device] = None) -> dict:
     return out
 
 
-def _stage_needs() -> tuple[bool, bool]:
-    from megatron.core import parallel_state as ps
-
-    return (ps.is_pipeline_first_stage(ignore_virtual=True),
-            ps.is_pipeline_last_stage(ignore_virtual=True))
-
-
 def _with_max_seqlen(batch: dict) -> dict:
     """The longest packed segment, computed on the host when the batch does not carry it."""
     cu = batch.get("cu_seqlens")
@@ -118,27 +117,25 @@ def _broadcast(t: Optional[torch.Tensor], shape, dtype, dev, src: int, group) ->
     return t.to(dtype)
 
 
-def broadcast_batch(batch: Optional[dict]) -> dict:
-    """The reader's ``batch`` on every rank of its model-parallel group, on the device.
+_PREPARED = "_distributed"  # marks a batch made by distribute_step_batches
+_VISION = "_vision_tensors"  # {key: (shape, dtype)} of the tensors get_batch broadcasts
 
-    ``batch`` is read on the reader only (None elsewhere). Stages get the keys they use (module
-    docstring): the text tensors (``TEXT_KEYS``) travel over the model-parallel group; every other
-    tensor (``tiles``, ``tiles_per_media``, ...: the vision side) only to the first stage's
-    tensor-parallel group; non-tensor values (``max_seqlen``, ``sample_keys``) in the header.
-    """
+
+def _distribute(batch: Optional[dict]) -> dict:
     from megatron.core import parallel_state as ps
 
-    state = _mp_state()
-    dev = device()
     if batch is not None:
         batch = _with_max_seqlen(batch)
-    if state is None:
-        return to_device(batch, dev)
+    state = _mp_state()
+    if state is None:  # alone in the group: get_batch moves everything
+        if batch is None:
+            raise RuntimeError("this rank reads no data but is alone in its model-parallel group")
+        return {**batch, _PREPARED: True}
     group, src, _ = state
+    dev = device()
     reader = torch.distributed.get_rank() == src
     header = [None]
     if reader:
-        batch = to_device(batch, dev)
         header[0] = {
             "tensors": {k: (tuple(v.shape), v.dtype) for k, v in batch.items()
                         if isinstance(v, torch.Tensor)},
@@ -148,33 +145,50 @@ def broadcast_batch(batch: Optional[dict]) -> dict:
     torch.distributed.broadcast_object_list(header, src=src, group=group,
                                             device=dev if dev.type == "cuda" else None)
     header = header[0]
-    first, last = _stage_needs()
-    out = dict(header["values"])
-    for key in TEXT_KEYS:
-        if key in header["tensors"]:
-            t = _broadcast(batch[key] if reader else None, *header["tensors"][key], dev, src, group)
-            if (key in EVERY_STAGE_KEYS or (first and key in ("tokens", "position_ids"))
-                    or (last and key in ("labels", "loss_mask"))):
-                out[key] = t
-    if first:  # the reader is on the first stage: only its tensor-parallel peers take part
-        tp_group, tp_src = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank()
-        for key, (shape, dtype) in header["tensors"].items():
-            if key in TEXT_KEYS:
-                continue
-            if ps.get_tensor_model_parallel_world_size() > 1:
-                out[key] = _broadcast(batch[key] if reader else None, shape, dtype, dev, tp_src,
-                                      tp_group)
-            else:
-                out[key] = batch[key]
+    first = ps.is_pipeline_first_stage(ignore_virtual=True)
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    out = {**header["values"], _PREPARED: True, _VISION: {}}
+    for key, (shape, dtype) in header["tensors"].items():
+        if key not in TEXT_KEYS:
+            if first:  # sent inside the forward step, within the tensor-parallel group
+                out[_VISION][key] = (shape, dtype)
+                if reader:
+                    out[key] = batch[key]
+            continue
+        t = _broadcast(to_device({key: batch[key]}, dev)[key] if reader else None, shape, dtype,
+                       dev, src, group)
+        if (key in EVERY_STAGE_KEYS or (first and key in ("tokens", "position_ids"))
+                or (last and key in ("labels", "loss_mask"))):
+            out[key] = t
     return out
+
+
+def distribute_step_batches(batches: list) -> list:
+    """Phase 1 (module docstring) for one step's micro-batches: the reader passes the loader's
+    batches, the other ranks as many Nones. Every rank of the world calls it at the same point."""
+    return [_distribute(b) for b in batches]
 
 
 def get_batch(data_iterator: Optional[Iterator]) -> dict:
     """Next micro-batch for this rank's forward step, on the device (see the module docstring)."""
+    from megatron.core import parallel_state as ps
+
     t0 = time.perf_counter()
     batch = next(data_iterator) if data_iterator is not None else None
-    if batch is None and _mp_state() is None:
-        raise RuntimeError("this rank reads no data but is alone in its model-parallel group")
-    out = broadcast_batch(batch)
+    if batch is None:
+        raise RuntimeError("get_batch got no batch: the loop passes distribute_step_batches' "
+                           "output to the schedule")
+    batch = dict(batch)
+    prepared, vision = batch.pop(_PREPARED, False), batch.pop(_VISION, {})
+    if not prepared:
+        batch = _with_max_seqlen(batch)
+    dev = device()
+    if vision and ps.get_tensor_model_parallel_world_size() > 1:
+        src, group = ps.get_tensor_model_parallel_src_rank(), ps.get_tensor_model_parallel_group()
+        reader = torch.distributed.get_rank() == src
+        for key, (shape, dtype) in vision.items():
+            local = to_device({key: batch[key]}, dev)[key] if reader else None
+            batch[key] = _broadcast(local, shape, dtype, dev, src, group)
+    out = to_device(batch, dev)
     DATA_WAIT.seconds += time.perf_counter() - t0
     return out

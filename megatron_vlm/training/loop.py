@@ -68,7 +68,7 @@ def run(recipe: Recipe) -> dict:
 
     from megatron_vlm.data.prefetch import PrefetchingLoader
     from megatron_vlm.training import run_report
-    from megatron_vlm.training.batch_io import DATA_WAIT, is_data_reader
+    from megatron_vlm.training.batch_io import DATA_WAIT, distribute_step_batches, is_data_reader
     from megatron_vlm.training.data_setup import build_eval_batches, build_train_loader
     from megatron_vlm.training.evaluate import evaluate_losses
     from megatron_vlm.training.model_setup import build_model_chunks
@@ -88,12 +88,13 @@ def run(recipe: Recipe) -> dict:
 
     dp_rank = parallel_state.get_data_parallel_rank()
     # One rank per model-parallel group reads, decodes and broadcasts (training/batch_io.py),
-    # in a background thread that overlaps the step.
+    # in a background thread that overlaps the step: up to one step's micro-batches ahead.
     reader = is_data_reader()
     loader = None
     if reader:
+        per_step = recipe.train.global_batch_size // (recipe.train.micro_batch_size * layout.dp)
         loader = PrefetchingLoader(build_train_loader(recipe, tokenizer, model_cfg, dp_rank,
-                                                      layout.dp), depth=2)
+                                                      layout.dp), depth=min(max(2, per_step), 32))
     report = run_report.RunReport(recipe, model_chunks, layout, tokenizer.pad_id)
     report.write_banner(run_dir, model_cfg["vlm"]["language_model"])
     progress = Progress(recipe.name, recipe.train.steps, 0,
@@ -139,7 +140,8 @@ def run(recipe: Recipe) -> dict:
     stop = _StopFlag(recipe.train.max_wall_minutes)
 
     def evaluate():
-        return evaluate_losses(ddp, eval_batches, forward_step, recipe.data.seq_length,
+        placed = {name: distribute_step_batches(batches) for name, batches in eval_batches.items()}
+        return evaluate_losses(ddp, placed, forward_step, recipe.data.seq_length,
                                recipe.train.micro_batch_size)
 
     if start_step == 0:
@@ -163,7 +165,8 @@ def run(recipe: Recipe) -> dict:
 
     while step < recipe.train.steps:
         step_start = time.perf_counter()
-        batches = [next(loader) if loader is not None else None for _ in range(num_micro)]
+        fetched = [next(loader) if loader is not None else None for _ in range(num_micro)]
+        batches = distribute_step_batches(fetched)  # header and text tensors to the group
         fetch_wait = time.perf_counter() - step_start
         DATA_WAIT.take()
         last = train_step(ddp, optimizer, iter(batches), num_microbatches=num_micro,
@@ -180,7 +183,7 @@ def run(recipe: Recipe) -> dict:
         step += 1
         lr = optimizer.param_groups[0]["lr"]
         history.append(last["loss"])
-        metrics = report.step_metrics(step, batches, time.perf_counter() - step_start,
+        metrics = report.step_metrics(step, fetched, time.perf_counter() - step_start,
                                       fetch_wait + DATA_WAIT.take(), loader)
         progress.train_step(step, last["loss"], lr, last["grad_norm"], metrics)
         if recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0:

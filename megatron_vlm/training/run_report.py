@@ -37,11 +37,13 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H20": 148e12, "A100": 312e12
 
 
 def configure_logging(rank: int, level: int = logging.INFO) -> None:
-    """One handler with a ``[rank N]`` prefix; rank 0 logs INFO, the others WARNING and up.
+    """One handler with a ``[rank N]`` prefix. Our loggers (``megatron_vlm.*``) log INFO on rank
+    0; everything else, and every other rank, WARNING and up.
 
-    Python warnings go through logging (``py.warnings``), each distinct warning once per process
-    (``warnings`` "once" action), and only rank 0 shows them: N ranks do not repeat one warning N
-    times, and nothing is silenced wholesale.
+    Python warnings go through logging (``py.warnings``): user-facing categories (UserWarning,
+    FutureWarning) once per distinct message per process, and only rank 0 shows them, so N ranks
+    do not repeat one warning N times. Nothing is silenced wholesale (Python's default filters
+    for DeprecationWarning and the like stay as they are).
     """
     global _CONFIGURED
     if _CONFIGURED:
@@ -51,9 +53,11 @@ def configure_logging(rank: int, level: int = logging.INFO) -> None:
     handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level if rank == 0 else logging.WARNING)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("megatron_vlm").setLevel(level if rank == 0 else logging.WARNING)
     logging.captureWarnings(True)
-    warnings.simplefilter("once")
+    for category in (UserWarning, FutureWarning):
+        warnings.filterwarnings("once", category=category)
     logging.getLogger("py.warnings").setLevel(logging.WARNING if rank == 0 else logging.ERROR)
 
 

@@ -71,3 +71,12 @@ def test_recompute_matches_no_recompute(megatron_single):
             assert calls["core_attn"] == 2 * ref_calls["core_attn"], (name, calls, ref_calls)
             assert calls["layers"] == ref_calls["layers"]
         assert model.vision_model.config.recompute_granularity == overrides["recompute_granularity"]
+
+
+def test_vision_recompute_can_be_left_off(megatron_single):
+    from megatron_vlm.models.vlm import build_vlm
+
+    model = build_vlm("vlm_tiny", impl="local", image_token_id=IMAGE_TOKEN_ID,
+                      use_cpu_initialization=True, vision_recompute=False, **MODES["full_uniform"])
+    assert model.language_model.config.recompute_granularity == "full"
+    assert model.vision_model.config.recompute_granularity is None
