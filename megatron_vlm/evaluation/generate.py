@@ -72,8 +72,11 @@ def _param_dtype(model: torch.nn.Module) -> torch.dtype:
 
 @torch.no_grad()
 def forward_logits(model: torch.nn.Module, ids: Sequence[int], tiles=None,
-                   vocab_limit: Optional[int] = None, last_only: bool = False) -> torch.Tensor:
+                   vocab_limit: Optional[int] = None, last_only: bool = False,
+                   media: Optional[dict] = None) -> torch.Tensor:
     """float32 logits [s, V] (or [V] with ``last_only``) of one token sequence.
+
+    ``media``: ``{"tiles_per_media": [...], "media_tokens": [...]}`` for EVS-pruned videos.
 
     With ``vocab_limit`` the padded entries (ids >= vocab_limit) are set to -inf.
     """
@@ -81,7 +84,8 @@ def forward_logits(model: torch.nn.Module, ids: Sequence[int], tiles=None,
     device = _device(model)
     input_ids = torch.as_tensor(list(ids), dtype=torch.long, device=device).unsqueeze(0)
     tiles = prepare_tiles(tiles, device, _param_dtype(model))
-    logits = model(input_ids, tiles=tiles)  # [1, s, V]
+    extra = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in (media or {}).items()}
+    logits = model(input_ids, tiles=tiles, **extra)  # [1, s, V]
     logits = logits[0, -1] if last_only else logits[0]
     logits = logits.float()
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
@@ -94,7 +98,8 @@ def forward_logits(model: torch.nn.Module, ids: Sequence[int], tiles=None,
 def greedy_generate(model: torch.nn.Module, prompt_ids: Sequence[int], tiles=None,
                     max_new_tokens: int = 32, stop_ids: Iterable[int] = (),
                     vocab_limit: Optional[int] = None,
-                    stop_fn: Optional[Callable[[list], bool]] = None) -> Generation:
+                    stop_fn: Optional[Callable[[list], bool]] = None,
+                    media: Optional[dict] = None) -> Generation:
     """Greedy continuation of ``prompt_ids`` (the image tokens already expanded).
 
     Stops after ``max_new_tokens`` tokens, at the first token in ``stop_ids`` (not included in
@@ -112,7 +117,7 @@ def greedy_generate(model: torch.nn.Module, prompt_ids: Sequence[int], tiles=Non
     forwards = 0
     try:
         for _ in range(max_new_tokens):
-            logits = forward_logits(model, seq, tiles, vocab_limit=vocab_limit, last_only=True)
+            logits = forward_logits(model, seq, tiles, vocab_limit=vocab_limit, last_only=True, media=media)
             forwards += 1
             token = int(torch.argmax(logits))
             if token in stop_ids:
