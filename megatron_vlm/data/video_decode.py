@@ -129,7 +129,13 @@ def decode_pyav(data: bytes, indices: list[int], times_all: list[float]) -> tupl
 def _dali_pipeline(device: str):
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=0 if device == "mixed" else None,
+    device_id = None
+    if device == "mixed":
+        import torch
+
+        device_id = torch.cuda.current_device()  # this rank's GPU
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id,
                   prefetch_queue_depth=1, exec_dynamic=True)
     def pipe():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
@@ -167,7 +173,7 @@ def decode_clip(data: bytes, *, tile_size: int, fps: float = 2.0, max_frames: in
     times_all, stream = frame_times(data)
     if not times_all:
         raise VideoError("corrupt_video", "video stream holds no frames")
-    codec = codec or stream.codec_context.name
+    codec = codec or stream.codec
     gap = times_all[-1] - times_all[-2] if len(times_all) > 1 else 1.0 / max(fps, 1e-6)
     duration = times_all[-1] + gap
     start = 0.0 if start is None else float(start)
