@@ -186,5 +186,7 @@ def run(recipe: Recipe) -> dict:
         summary["eval_loss_first"] = first_eval["eval_loss"]
     if torch.distributed.get_rank() == 0:
         ckpt.mark_finished(run_dir, summary)
+    # loader statistics of this rank: samples used/skipped, video clips per decoding backend
+    progress.say("data: " + ", ".join(f"{k}={v}" for k, v in loader.counters["total"].items() if v))
     progress.close()
     return summary
