@@ -11,7 +11,8 @@ Backends (``backend="auto"`` picks the first that applies):
 - ``pyav``: FFmpeg through PyAV, any codec; seeks to the keyframe before each sampled frame when
   the next one is far ahead, so only the needed stretches are decoded.
 
-Frames are chosen by presentation time from the packet timestamps (``video.plan_frames``); DALI is
+With ``auto``, a clip DALI refuses is decoded by PyAV (and counted there). Frames are chosen by
+presentation time from the packet timestamps (``video.plan_frames``); DALI is
 given their presentation-order indices. Every backend resizes with the same bicubic rule as
 video tiles built offline (``tiling.resize_frame``), so the loader normalises them like image tiles.
 """
@@ -182,10 +183,16 @@ def decode_clip(data: bytes, *, tile_size: int, fps: float = 2.0, max_frames: in
         raise VideoError("bad_clip", f"clip [{start:.3f}s, {end:.3f}s) does not fit the video ({duration:.3f}s)")
     indices, times = plan_frames(times_all, start, end, fps, max_frames)
     name = choose_backend(codec, backend)
-    if name == "pyav":
+    rgb = None
+    if name != "pyav":
+        try:
+            rgb = decode_dali(data, indices, "mixed" if name == "dali_gpu" else "cpu")
+            decoded = len(set(indices))
+        except VideoError:
+            if backend != "auto":
+                raise
+            name = "pyav"  # e.g. a codec profile this DALI build refuses: FFmpeg decides
+    if rgb is None:
         rgb, decoded = decode_pyav(data, indices, times_all)
-    else:
-        rgb = decode_dali(data, indices, "mixed" if name == "dali_gpu" else "cpu")
-        decoded = len(set(indices))
     frames = np.stack([_to_tile(f, tile_size) for f in rgb])
     return DecodedClip(frames=frames, times=times, indices=indices, backend=name, decoded_frames=decoded)

@@ -113,3 +113,12 @@ def test_real_clips_frame_counts():
     five_min, _ = clip_bytes(300.0, 2, "vp9")  # 5 min (2 fps source keeps the file small)
     clip = decode_clip(five_min, tile_size=16)
     assert len(clip.times) == 128 and abs(clip.times[1] - 300 / 128) <= 0.25
+
+
+def test_auto_falls_back_to_pyav_when_dali_refuses():
+    pytest.importorskip("nvidia.dali")
+    data, _ = clip_bytes(2.0, 10, "h264")
+    clip = decode_clip(data, tile_size=16, codec="vp9")  # claims VP9: DALI CPU is tried, refuses H.264
+    assert clip.backend == "pyav" and len(clip.times) == 4
+    with pytest.raises(VideoError):
+        decode_clip(data, tile_size=16, backend="dali_cpu")
