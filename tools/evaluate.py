@@ -104,6 +104,7 @@ def main(argv=None) -> int:
         from megatron_vlm.distributed import destroy_distributed, initialize_distributed
         from megatron_vlm.platform import cpu_mode, setup_platform
         from megatron_vlm.training.checkpoint import load_checkpoint
+        from megatron_vlm.training.data_setup import video_options
         from megatron_vlm.training.model_setup import build_model_chunks
 
         torch.set_num_threads(max(1, threads))
@@ -136,7 +137,8 @@ def main(argv=None) -> int:
                 scores, results = evaluate_tasks(
                     model, tokenizer, tasks, data_root, tile_size=vision["tile_size"],
                     tokens_per_tile=per_tile, limit=limit, max_new_tokens=max_new,
-                    slack=args.slack, log=lambda m: print(m, flush=True))
+                    slack=args.slack, log=lambda m: print(m, flush=True),
+                    video=video_options(recipe, train=False))
             except EvalDataError as e:
                 print(f"eval data error: {e}", file=sys.stderr)
                 return 2

@@ -87,12 +87,24 @@ def _open(data: bytes):
     return container
 
 
-def frame_times(data: bytes) -> tuple[list[float], object]:
-    """Presentation times (s, sorted) of every frame, from the packets (no decoding), + the stream."""
+@dataclass(frozen=True)
+class StreamInfo:
+    codec: str
+    width: int
+    height: int
+    average_rate: float  # 0.0 when the container does not say
+
+
+def frame_times(data: bytes) -> tuple[list[float], StreamInfo]:
+    """Presentation times (s, sorted, from the first frame) of every frame, read from the packets
+    (no decoding), and the video stream's codec and size."""
     container = _open(data)
     try:
         stream = container.streams.video[0]
         base = float(stream.time_base)
+        ctx = stream.codec_context
+        info = StreamInfo(codec=ctx.name, width=int(ctx.width), height=int(ctx.height),
+                          average_rate=float(stream.average_rate) if stream.average_rate else 0.0)
         times = []
         try:
             for packet in container.demux(stream):
@@ -101,7 +113,7 @@ def frame_times(data: bytes) -> tuple[list[float], object]:
         except Exception as exc:
             raise VideoError("corrupt_video", f"cannot read packets: {type(exc).__name__}: {exc}") from exc
         start = float(stream.start_time * base) if stream.start_time is not None else (min(times) if times else 0.0)
-        return sorted(t - start for t in times), stream
+        return sorted(t - start for t in times), info
     finally:
         container.close()
 
@@ -112,13 +124,12 @@ def probe(data: bytes) -> VideoInfo:
     if not times:
         raise VideoError("corrupt_video", "video stream holds no frames")
     gaps = np.diff(times) if len(times) > 1 else np.array([0.0])
-    rate = float(stream.average_rate) if stream.average_rate else (1 / float(np.median(gaps)) if gaps.any() else 1.0)
+    rate = stream.average_rate or (1 / float(np.median(gaps)) if gaps.any() else 1.0)
     last_gap = float(gaps[-1]) if len(times) > 1 else 1 / rate
     vfr = bool(len(times) > 2 and gaps.max() - gaps.min() > 0.25 * float(np.median(gaps)))
-    ctx = stream.codec_context
-    return VideoInfo(codec=stream.codec_context.name, duration=times[-1] + last_gap,
+    return VideoInfo(codec=stream.codec, duration=times[-1] + last_gap,
                      fps=len(times) / (times[-1] + last_gap), num_frames=len(times),
-                     width=int(ctx.width), height=int(ctx.height), variable_frame_rate=vfr)
+                     width=stream.width, height=stream.height, variable_frame_rate=vfr)
 
 
 def clip_bounds(info: VideoInfo, start: float | None, end: float | None) -> tuple[float, float]:

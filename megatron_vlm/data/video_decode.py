@@ -11,7 +11,8 @@ Backends (``backend="auto"`` picks the first that applies):
 - ``pyav``: FFmpeg through PyAV, any codec; seeks to the keyframe before each sampled frame when
   the next one is far ahead, so only the needed stretches are decoded.
 
-Frames are chosen by presentation time from the packet timestamps (``video.plan_frames``); DALI is
+With ``auto``, a clip DALI refuses is decoded by PyAV (and counted there). Frames are chosen by
+presentation time from the packet timestamps (``video.plan_frames``); DALI is
 given their presentation-order indices. Every backend resizes with the same bicubic rule as
 video tiles built offline (``tiling.resize_frame``), so the loader normalises them like image tiles.
 """
@@ -129,7 +130,13 @@ def decode_pyav(data: bytes, indices: list[int], times_all: list[float]) -> tupl
 def _dali_pipeline(device: str):
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=0 if device == "mixed" else None,
+    device_id = None
+    if device == "mixed":
+        import torch
+
+        device_id = torch.cuda.current_device()  # this rank's GPU
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id,
                   prefetch_queue_depth=1, exec_dynamic=True)
     def pipe():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
@@ -167,7 +174,7 @@ def decode_clip(data: bytes, *, tile_size: int, fps: float = 2.0, max_frames: in
     times_all, stream = frame_times(data)
     if not times_all:
         raise VideoError("corrupt_video", "video stream holds no frames")
-    codec = codec or stream.codec_context.name
+    codec = codec or stream.codec
     gap = times_all[-1] - times_all[-2] if len(times_all) > 1 else 1.0 / max(fps, 1e-6)
     duration = times_all[-1] + gap
     start = 0.0 if start is None else float(start)
@@ -176,10 +183,16 @@ def decode_clip(data: bytes, *, tile_size: int, fps: float = 2.0, max_frames: in
         raise VideoError("bad_clip", f"clip [{start:.3f}s, {end:.3f}s) does not fit the video ({duration:.3f}s)")
     indices, times = plan_frames(times_all, start, end, fps, max_frames)
     name = choose_backend(codec, backend)
-    if name == "pyav":
+    rgb = None
+    if name != "pyav":
+        try:
+            rgb = decode_dali(data, indices, "mixed" if name == "dali_gpu" else "cpu")
+            decoded = len(set(indices))
+        except VideoError:
+            if backend != "auto":
+                raise
+            name = "pyav"  # e.g. a codec profile this DALI build refuses: FFmpeg decides
+    if rgb is None:
         rgb, decoded = decode_pyav(data, indices, times_all)
-    else:
-        rgb = decode_dali(data, indices, "mixed" if name == "dali_gpu" else "cpu")
-        decoded = len(set(indices))
     frames = np.stack([_to_tile(f, tile_size) for f in rgb])
     return DecodedClip(frames=frames, times=times, indices=indices, backend=name, decoded_frames=decoded)

@@ -76,8 +76,11 @@ def _param_dtype(model: torch.nn.Module) -> torch.dtype:
 
 @torch.no_grad()
 def forward_logits(model: torch.nn.Module, ids: Sequence[int], tiles=None,
-                   vocab_limit: Optional[int] = None, last_only: bool = False) -> torch.Tensor:
+                   vocab_limit: Optional[int] = None, last_only: bool = False,
+                   media: Optional[dict] = None) -> torch.Tensor:
     """float32 logits [s, V] (or [V] with ``last_only``) of one token sequence.
+
+    ``media``: ``{"tiles_per_media": [...], "media_tokens": [...]}`` for EVS-pruned videos.
 
     With ``vocab_limit`` the padded entries (ids >= vocab_limit) are set to -inf.
     """
@@ -85,8 +88,9 @@ def forward_logits(model: torch.nn.Module, ids: Sequence[int], tiles=None,
     device = _device(model)
     input_ids = torch.as_tensor(list(ids), dtype=torch.long, device=device).unsqueeze(0)
     tiles = prepare_tiles(tiles, device, _param_dtype(model))
+    extra = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in (media or {}).items()}
     if hasattr(model, "embed_inputs") or not hasattr(model, "decoder"):
-        logits = model(input_ids, tiles=tiles)  # [1, s, V]
+        logits = model(input_ids, tiles=tiles, **extra)  # [1, s, V]
     else:  # the text-only LLM (megatron's MambaModel)
         logits = model(input_ids, None, None)
     logits = logits[0, -1] if last_only else logits[0]
@@ -125,9 +129,10 @@ def sample_generate(model: torch.nn.Module, prompt_ids: Sequence[int], tiles=Non
                     stop_fn: Optional[Callable[[list], bool]] = None,
                     temperature: float = 1.0, top_k: Optional[int] = None,
                     top_p: Optional[float] = None, seed: Optional[int] = None,
-                    use_cache: bool = True) -> Generation:
+                    use_cache: bool = True, media: Optional[dict] = None) -> Generation:
     """Continuation of ``prompt_ids`` (the image tokens already expanded): argmax at
-    ``temperature`` 0, else sampled (``seed`` makes it repeatable).
+    ``temperature`` 0, else sampled (``seed`` makes it repeatable). ``media``: as for
+    ``forward_logits`` (EVS-pruned videos).
 
     Stops after ``max_new_tokens`` tokens, at the first token in ``stop_ids`` (not included in
     ``tokens``), or when ``stop_fn(tokens)`` returns True after a token was appended.
@@ -153,10 +158,13 @@ def sample_generate(model: torch.nn.Module, prompt_ids: Sequence[int], tiles=Non
     try:
         for _ in range(max_new_tokens):
             if incremental is None:
-                logits = forward_logits(model, seq, tiles, vocab_limit=vocab_limit, last_only=True)
+                logits = forward_logits(model, seq, tiles, vocab_limit=vocab_limit, last_only=True,
+                                        media=media)
             elif forwards == 0:
                 ids = torch.as_tensor(seq, dtype=torch.long, device=device).unsqueeze(0)
-                logits = _mask_vocab(incremental.prefill(ids, tiles)[0], vocab_limit)
+                extra = {k: torch.as_tensor(v, dtype=torch.long, device=device)
+                         for k, v in (media or {}).items()}
+                logits = _mask_vocab(incremental.prefill(ids, tiles, **extra)[0], vocab_limit)
             else:
                 last = torch.as_tensor([seq[-1]], dtype=torch.long, device=device)
                 logits = _mask_vocab(incremental.step(last)[0], vocab_limit)
@@ -177,10 +185,10 @@ def greedy_generate(model: torch.nn.Module, prompt_ids: Sequence[int], tiles=Non
                     max_new_tokens: int = 32, stop_ids: Iterable[int] = (),
                     vocab_limit: Optional[int] = None,
                     stop_fn: Optional[Callable[[list], bool]] = None,
-                    use_cache: bool = True) -> Generation:
+                    use_cache: bool = True, media: Optional[dict] = None) -> Generation:
     """Greedy continuation (``sample_generate`` at temperature 0)."""
     return sample_generate(model, prompt_ids, tiles, max_new_tokens, stop_ids, vocab_limit,
-                           stop_fn, temperature=0.0, use_cache=use_cache)
+                           stop_fn, temperature=0.0, use_cache=use_cache, media=media)
 
 
 @torch.no_grad()

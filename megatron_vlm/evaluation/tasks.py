@@ -35,7 +35,13 @@ needle         ``needle_acc``       the normalised answer occurs in the normalis
 code           ``code_line_acc``    predicted line == reference line, trailing whitespace
                                     ignored (indentation counts)
 code           ``code_ppl``         exp(mean NLL per token) over the chunks (lower is better)
+video          ``video_tokens``     mean ``<image>`` tokens per video the LLM reads (q = 0)
+video          ``video_evs_acc``,   the same at the recipe's ``video.evs_rate`` q (EVS in the
+               ``video_evs_tokens`` model after the connector), when q > 0
 =============  ===================  =====================================================
+
+Videos are sampled with the recipe's ``video`` section (``video`` argument); evaluation never
+draws a random rate.
 
 Generation budget: a sample may generate the tokens of its reference target (think block,
 answer, end of turn; or the rest of the code line) plus ``slack`` tokens, capped at
@@ -127,6 +133,8 @@ class EvalSample:
     tail: str = ""                      # code: the prompt's stripped trailing whitespace
     prompt_text: str = ""               # code: the prompt as text
     document: Optional[list] = None     # code: the whole chunk as training tokenizes it (+ eos)
+    media: Optional[dict] = None        # {"tiles_per_media", "media_tokens"} (EVS), model kwargs
+    video_tokens: list = field(default_factory=list)  # <image> tokens of each video in the prompt
 
 
 def find_data_root(recipe) -> Path:
@@ -161,7 +169,14 @@ def _last_assistant(conversation: list) -> Optional[str]:
 def _chat_sample(task: str, sample_id: str, meta: dict, tiles: np.ndarray, answer: Optional[str],
                  encoder: PromptEncoder) -> EvalSample:
     conversation, media = meta["conversation"], meta.get("media", [])
-    prompt = encoder.generation_prompt(conversation, media)
+    prompt_turns = conversation[:-1] if conversation and conversation[-1]["role"] == "assistant" else conversation
+    encoded_prompt = encoder.encode_chat(prompt_turns, media, add_generation_prompt=True)
+    prompt = encoded_prompt.tokens.tolist()  # = encoder.generation_prompt(conversation, media)
+    pruned = any(k < n * encoder.tokens_per_tile
+                 for n, k in zip(encoded_prompt.tiles_per_media, encoded_prompt.media_tokens))
+    media_info = {"tiles_per_media": list(encoded_prompt.tiles_per_media),
+                  "media_tokens": list(encoded_prompt.media_tokens)} if pruned else None
+    video_tokens = [k for item, k in zip(media, encoded_prompt.media_tokens) if item["type"] == "video"]
     if answer is None:
         answer = _last_assistant(conversation)
     if answer is None:
@@ -174,11 +189,12 @@ def _chat_sample(task: str, sample_id: str, meta: dict, tiles: np.ndarray, answe
     ref = len(full) - len(prompt) - 1  # the full sample also ends with a newline after eos
     if ref < 1 or full[: len(prompt)] != prompt:
         ref = len(encoder.encode_plain(answer)) + 2
-    return EvalSample(task, sample_id, prompt, answer, ref, tiles if len(tiles) else None)
+    return EvalSample(task, sample_id, prompt, answer, ref, tiles if len(tiles) else None,
+                      media=media_info, video_tokens=video_tokens)
 
 
 def _chat_from_shards(task: str, shard_dir: Path, encoder: PromptEncoder, tile_size: int,
-                      limit: Optional[int], answers: dict) -> list:
+                      limit: Optional[int], answers: dict, video=None) -> list:
     from megatron_vlm.data.loader import resolve_shards
     from megatron_vlm.data.sample_decoder import SampleError, decode_sample
     from megatron_vlm.data.shard_reader import read_shard
@@ -195,7 +211,7 @@ def _chat_from_shards(task: str, shard_dir: Path, encoder: PromptEncoder, tile_s
             if raw.error is not None:
                 continue  # damaged data: the training loader skips it too
             try:
-                decoded = decode_sample(raw, tile_size)
+                decoded = decode_sample(raw, tile_size, video)
             except SampleError as exc:
                 if exc.kind == "schema_error" and "px" in exc.reason:
                     raise EvalDataError(f"{shard_dir}: {exc}") from None
@@ -203,13 +219,21 @@ def _chat_from_shards(task: str, shard_dir: Path, encoder: PromptEncoder, tile_s
             if decoded.meta["kind"] != "chat":
                 continue
             sample_id = str(decoded.meta.get("id", raw.key))
+            _set_video_rate(decoded.meta, video)
             samples.append(_chat_sample(task, sample_id, decoded.meta, decoded.tiles,
                                         answers.get(sample_id), encoder))
     return samples
 
 
+def _set_video_rate(meta: dict, video) -> None:
+    if video is not None and video.evs_rate > 0:
+        for item in meta.get("media", []):
+            if item["type"] == "video":
+                item["evs_rate"] = video.evs_rate
+
+
 def _chat_from_raw(task: str, data_root: Path, encoder: PromptEncoder, tile_size: int,
-                   limit: Optional[int]) -> list:
+                   limit: Optional[int], video=None) -> list:
     """No shards: tile the raw records with the shard builder's code and the demo's tiling."""
     from data_prep.records import BuildOptions, RecordError, build_sample
     from megatron_vlm.data.image import decode_tile
@@ -238,6 +262,20 @@ def _chat_from_raw(task: str, data_root: Path, encoder: PromptEncoder, tile_size
             raise EvalDataError(f"{info_path}: tiles of {meta['tile_size']} px, the recipe's "
                                 f"data.tile_size is {tile_size}")
         data = dict(members)
+        if any("member" in item for item in meta.get("media", [])):  # encoded clips: the loader's decoder
+            from megatron_vlm.data.sample_decoder import SampleError, decode_sample
+            from megatron_vlm.data.schema import dumps_metadata
+            from megatron_vlm.data.shard_reader import RawSample
+
+            try:
+                decoded = decode_sample(RawSample(path.name, str(meta["id"]), {**data, "json": dumps_metadata(meta)}),
+                                        tile_size, video)
+            except SampleError:
+                continue
+            meta, array = decoded.meta, decoded.tiles
+            _set_video_rate(meta, video)
+            samples.append(_chat_sample(task, str(meta["id"]), meta, array, record.get("answer"), encoder))
+            continue
         tiles = [decode_tile(data[name], tile_size) for item in meta.get("media", [])
                  for name in media_tile_names(item)]
         array = np.stack(tiles) if tiles else np.zeros((0, tile_size, tile_size, 3), np.uint8)
@@ -268,7 +306,7 @@ def _code_samples(data_root: Path, encoder: PromptEncoder, limit: Optional[int])
 
 
 def load_task_samples(task: str, data_root, encoder: PromptEncoder, tile_size: int,
-                      limit: Optional[int] = 20) -> list:
+                      limit: Optional[int] = 20, video=None) -> list:
     """The first ``limit`` eval samples of ``task`` (see the module docstring for the sources)."""
     if task not in KNOWN_TASKS:
         raise EvalDataError(f"unknown eval task {task!r}; known: {', '.join(KNOWN_TASKS)}")
@@ -279,9 +317,9 @@ def load_task_samples(task: str, data_root, encoder: PromptEncoder, tile_size: i
         shard_dir = data_root / "shards" / task / "eval"
         if shard_dir.is_dir():
             samples = _chat_from_shards(task, shard_dir, encoder, tile_size, limit,
-                                        _raw_answers(data_root, task))
+                                        _raw_answers(data_root, task), video)
         elif (data_root / "raw" / task / "eval.jsonl").is_file():
-            samples = _chat_from_raw(task, data_root, encoder, tile_size, limit)
+            samples = _chat_from_raw(task, data_root, encoder, tile_size, limit, video)
         else:
             raise EvalDataError(f"no eval data for task {task!r}: neither {shard_dir} nor "
                                 f"{data_root / 'raw' / task / 'eval.jsonl'} exists")
@@ -337,7 +375,8 @@ def run_task(model, tokenizer, samples: list, max_new_tokens: int = 32, slack: i
 
         gen = greedy_generate(model, sample.prompt_ids, tiles=sample.tiles,
                               max_new_tokens=generation_budget(sample, max_new_tokens, slack),
-                              stop_ids=stop_ids, vocab_limit=vocab_limit, stop_fn=stop_fn)
+                              stop_ids=stop_ids, vocab_limit=vocab_limit, stop_fn=stop_fn,
+                              media=sample.media)
         if task == CODE_TASK:
             prompt_text = tokenizer.decode(sample.prompt_ids)
             cont = tokenizer.decode(sample.prompt_ids + gen.tokens)[len(prompt_text):]
@@ -356,18 +395,35 @@ def run_task(model, tokenizer, samples: list, max_new_tokens: int = 32, slack: i
     scores = {keys[0]: accuracy(flags)}
     if task == CODE_TASK and nll_count:
         scores["code_ppl"] = math.exp(min(nll_sum / nll_count, 700.0))
+    video_tokens = [k for s in samples for k in s.video_tokens]
+    if video_tokens:
+        scores["video_tokens"] = float(np.mean(video_tokens))
     return TaskResult(task, scores, time.perf_counter() - start, len(samples), predictions)
 
 
 def evaluate_tasks(model, tokenizer, tasks: list, data_root, tile_size: int, tokens_per_tile: int,
                    limit: Optional[int] = 20, max_new_tokens: int = 32, slack: int = 4,
-                   log: Optional[Callable[[str], None]] = None) -> tuple:
-    """Scores of every task (one flat dict) and the per-task results (timings, predictions)."""
+                   log: Optional[Callable[[str], None]] = None, video=None) -> tuple:
+    """Scores of every task (one flat dict) and the per-task results (timings, predictions).
+
+    ``video`` (``VideoOptions``, the recipe's ``video`` section): sampling of the video task, which
+    runs at q = 0 and, when ``video.evs_rate`` > 0, again at that rate (``video_evs_*`` keys)."""
+    import dataclasses
+
+    from megatron_vlm.data.video import VideoOptions
+
     encoder = PromptEncoder(tokenizer, tokens_per_tile)
+    video = video or VideoOptions()
     scores, results = {}, []
-    for task in tasks:
-        samples = load_task_samples(task, data_root, encoder, tile_size, limit)
+    runs = [(t, dataclasses.replace(video, evs_rate=0.0, evs_rate_sampling="fixed")) for t in tasks]
+    if "video" in tasks and video.evs_rate > 0:
+        runs.insert(tasks.index("video") + 1, ("video_evs", dataclasses.replace(video, evs_rate_sampling="fixed")))
+    for task, task_video in runs:
+        samples = load_task_samples(task.replace("_evs", ""), data_root, encoder, tile_size, limit, task_video)
         result = run_task(model, tokenizer, samples, max_new_tokens=max_new_tokens, slack=slack)
+        if task == "video_evs":
+            result.task = task
+            result.scores = {k.replace("video_", "video_evs_"): v for k, v in result.scores.items()}
         scores.update(result.scores)
         results.append(result)
         if log is not None:

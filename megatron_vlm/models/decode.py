@@ -229,14 +229,17 @@ class IncrementalDecoder:
         return logits[0].float()
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, tiles: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """input_ids [b, s] (image tokens expanded; tiles in their order) -> logits [b, V]."""
+    def prefill(self, input_ids: torch.Tensor, tiles: Optional[torch.Tensor] = None,
+                **media: torch.Tensor) -> torch.Tensor:
+        """input_ids [b, s] (image tokens expanded; tiles in their order) -> logits [b, V].
+        ``media``: ``tiles_per_media`` / ``media_tokens`` for EVS-pruned videos (VLM only)."""
         if self.length:
             raise ValueError("prefill runs once per decoder")
         if input_ids.shape[1] > self.capacity:
             raise ValueError(f"prompt of {input_ids.shape[1]} tokens exceeds capacity {self.capacity}")
         if self.llm is not self.model:
-            hidden = self.model.embed_inputs(input_ids, tiles)
+            hidden = self.model.embed_inputs(input_ids, tiles, media.get("tiles_per_media"),
+                                             media.get("media_tokens"))
         else:
             if tiles is not None:
                 raise ValueError("tiles given to a text-only model")

@@ -212,6 +212,8 @@ def run(recipe: Recipe) -> dict:
     if torch.distributed.get_rank() == 0:
         ckpt.mark_finished(run_dir, summary)
     if loader is not None:
+        # loader statistics of this rank: samples used/skipped, video clips per decoding backend
+        progress.say("data: " + ", ".join(f"{k}={v}" for k, v in loader.counters["total"].items() if v))
         loader.close()
     progress.close()
     return summary

@@ -104,3 +104,21 @@ def audio_only_file() -> bytes:
         for p in stream.encode():
             out.mux(p)
     return buf.getvalue()
+
+
+def test_real_clips_frame_counts():
+    ten, _ = clip_bytes(10.0, 30, "h264")  # 10 s at 30 fps
+    clip = decode_clip(ten, tile_size=16, backend="pyav")
+    assert len(clip.times) == 20 and clip.times[:3] == [0.0, 0.5, 1.0] and clip.indices[:2] == [0, 15]
+    five_min, _ = clip_bytes(300.0, 2, "vp9")  # 5 min (2 fps source keeps the file small)
+    clip = decode_clip(five_min, tile_size=16)
+    assert len(clip.times) == 128 and abs(clip.times[1] - 300 / 128) <= 0.25
+
+
+def test_auto_falls_back_to_pyav_when_dali_refuses():
+    pytest.importorskip("nvidia.dali")
+    data, _ = clip_bytes(2.0, 10, "h264")
+    clip = decode_clip(data, tile_size=16, codec="vp9")  # claims VP9: DALI CPU is tried, refuses H.264
+    assert clip.backend == "pyav" and len(clip.times) == 4
+    with pytest.raises(VideoError):
+        decode_clip(data, tile_size=16, backend="dali_cpu")

@@ -151,3 +151,49 @@ def test_damaged_clip_in_a_shard_is_skipped_and_named(video_dir, tmp_path, token
     assert any("bad.tar" in r.message and "broken.m00.mp4" in r.message for r in caplog.records)
     assert any("late.m00.mp4" in r.message and "bad_clip" in r.message for r in caplog.records)
     assert np.asarray(batches[0]["tiles"]).shape[0] == 8
+
+
+def test_loader_batch_through_the_model_with_evs(video_dir, tmp_path, tokenizer, megatron_single):
+    """Real shards -> loader (q = 0.75) -> tiny VLM: the frame wrappers are rebuilt from the
+    tokenizer's ids, every text token outside the videos stays, and the loss is finite."""
+    import torch
+
+    from megatron_vlm.models.evs import kept_per_frame, retention_mask
+    from megatron_vlm.models.packing import make_packed_seq_params
+    from megatron_vlm.models.vlm import build_vlm
+
+    root, _ = video_dir
+    build_shards(str(root / "data.jsonl"), str(tmp_path / "shards"), tiling=TilingConfig(64, 1, 4, True),
+                 log=lambda m: None)
+    loader = PackedVLMLoader([DatasetSpec("v", str(tmp_path / "shards"))], tokenizer, seq_length=768,
+                             micro_batch_size=1, tile_size=64, patch_size=16, shuffle=False, num_epochs=1,
+                             video=VideoOptions(evs_rate=0.75))
+    batch = next(loader)  # the two clips packed in one row
+    assert batch["tiles_per_media"].tolist() == [8, 10]
+    model = build_vlm("vlm_tiny", impl="local", image_token_id=tokenizer.image_id,
+                      img_end_token_id=tokenizer.img_end_id, use_cpu_initialization=True).eval()
+    tiles = batch["tiles"]
+    with torch.no_grad():
+        image = model.image_embeddings(tiles)
+        ids, kept = model.prune_videos(batch["tokens"], image, batch["tiles_per_media"], batch["media_tokens"], 4)
+        loss = model(batch["tokens"], tiles=tiles, labels=batch["labels"],
+                     packed_seq_params=make_packed_seq_params(batch["cu_seqlens"]),
+                     tiles_per_media=batch["tiles_per_media"], media_tokens=batch["media_tokens"])
+    assert kept.shape[0] == int(batch["media_tokens"].sum()) == 8 + 10  # max(4, int(T * 4 * 0.25))
+    before, after = batch["tokens"][0], ids[0]
+    text = before != tokenizer.image_id
+    assert torch.equal(before[text], after[after != tokenizer.image_id])  # text order kept
+    assert int((after == tokenizer.image_id).sum()) == int((before == tokenizer.image_id).sum())
+    # per frame, the rebuilt count is EVS's own count for that frame
+    counts, inside = [], False
+    for t in after.tolist():
+        if t == tokenizer.img_start_id:
+            counts.append(0)
+            inside = True
+        elif t == tokenizer.img_end_id:
+            inside = False
+        elif t == tokenizer.image_id and inside:
+            counts[-1] += 1
+    first = retention_mask(image[: 8 * 4], 8, 8)
+    assert counts[:8] == kept_per_frame(first, 8).tolist() and len(counts) == 18
+    assert torch.isfinite(loss).all() and float((loss * batch["loss_mask"]).sum()) > 0
