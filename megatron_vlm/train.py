@@ -91,8 +91,11 @@ def _run(args) -> int:
         return 0
     from megatron_vlm.training.loop import run
 
-    watch_for_failures(read_launch_env())
-    summary = run(recipe)
+    stop_watching = watch_for_failures(read_launch_env())
+    try:
+        summary = run(recipe)
+    finally:
+        stop_watching()
     if summary.get("stopped"):
         # Not finished: a non-zero exit keeps job chains (Slurm afterok) from moving on;
         # running the same command again resumes from the checkpoint just written.

@@ -315,3 +315,65 @@ class PackedVLMLoader:
     def close(self) -> None:
         for s in self.streams:
             s.close()
+
+
+class GlobalBatchLoader:
+    """The data-parallel group's loader, of which each rank keeps its share of every global batch.
+
+    Every rank runs the same :class:`PackedVLMLoader` (streams read as if the DP size were 1) and
+    builds the same global batch of ``micro_batches_per_rank x dp_size`` micro-batches; rank ``r``
+    keeps micro-batches ``[r * n, (r + 1) * n)``. The global batches, and the loader state after
+    each, therefore do not depend on the DP size: a checkpoint resumes at any DP (and TP/PP) size
+    with exactly the samples the uninterrupted run would have used, none twice.
+
+    The price: every rank reads and decodes the samples of the whole global batch (cheap for the
+    pre-cut tiles of our shards next to a training step; per-rank streams would avoid it).
+    """
+
+    STATE_VERSION = 2
+
+    def __init__(self, inner: PackedVLMLoader, dp_rank: int, dp_size: int,
+                 micro_batches_per_rank: int):
+        if inner.dp_size != 1:
+            raise ValueError("GlobalBatchLoader needs the whole group's loader (dp_size=1)")
+        if not 0 <= dp_rank < dp_size or micro_batches_per_rank < 1:
+            raise ValueError(f"dp_rank {dp_rank} of {dp_size}, {micro_batches_per_rank} micro-batches")
+        self.inner, self.dp_rank, self.dp_size = inner, dp_rank, dp_size
+        self.micro_batches_per_rank = micro_batches_per_rank
+        self._mine: list[dict] = []
+
+    @property
+    def counters(self) -> dict:
+        return self.inner.counters
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if not self._mine:
+            n = self.micro_batches_per_rank
+            group = [next(self.inner) for _ in range(n * self.dp_size)]
+            self._mine = group[self.dp_rank * n:(self.dp_rank + 1) * n]
+        return self._mine.pop(0)
+
+    def state_dict(self) -> dict:
+        """The group's position after the last global batch (the same on every rank)."""
+        if self._mine:
+            raise RuntimeError("loader state is only defined between global batches")
+        return {"version": self.STATE_VERSION, "global_batches": True, "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not is_global_state(state):
+            raise ValueError("loader state is per data-parallel rank (an older checkpoint): it "
+                             "resumes only with per-rank loaders at its own data-parallel size")
+        self.inner.load_state_dict(state["inner"])
+        self._mine = []
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def is_global_state(state) -> bool:
+    """Whether a saved loader state is DP-size independent (GlobalBatchLoader's)."""
+    return isinstance(state, dict) and state.get("version") == GlobalBatchLoader.STATE_VERSION \
+        and state.get("global_batches") is True

@@ -7,7 +7,8 @@ Layout of a checkpoint root::
         meta.json          # step, consumed samples, layout, recipe name, scheduler state
         manifest.json      # every file above with its size and CRC-32, checked before loading
         ranks/rank00003.pt # per-rank RNG state (restored when resuming at the same layout)
-        loader/dp00001.json# data-parallel rank 1's data-loader position
+        loader/dp00001.json# data-parallel rank 1's data-loader position (the same on every DP
+                           # rank for the global-batch loader, so any DP size can resume)
 
 A checkpoint is written to ``step_N.tmp`` and renamed only once every rank has finished, then
 ``latest`` is replaced atomically. A crash at any point leaves the previous checkpoint and
@@ -442,6 +443,8 @@ def load_checkpoint(path, model_chunks: list, optimizer=None, scheduler=None,
         from megatron.core import parallel_state
 
         loader_file = path / "loader" / f"dp{parallel_state.get_data_parallel_rank():05d}.json"
+        if not loader_file.is_file():  # fewer DP ranks saved: a DP-independent state is in dp0's
+            loader_file = path / "loader" / f"dp{0:05d}.json"
         if loader_file.is_file():
             meta["loader"] = json.loads(loader_file.read_text())
         rank_file = path / "ranks" / f"rank{_rank():05d}.pt"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_vlm.data.loader import DatasetSpec, PackedVLMLoader
+from megatron_vlm.data.loader import DatasetSpec, GlobalBatchLoader, PackedVLMLoader
 from megatron_vlm.data.tokenizer import VLMTokenizer
 
 
@@ -27,10 +27,17 @@ def _loader(recipe, sources, tokenizer, vision: dict, dp_rank: int, dp_size: int
         pixel_shuffle_ratio=vision.get("pixel_shuffle_ratio", 0.5), **kwargs)
 
 
-def build_train_loader(recipe, tokenizer, model_cfg: dict, dp_rank: int,
-                       dp_size: int) -> PackedVLMLoader:
-    return _loader(recipe, recipe.data.blend, tokenizer, model_cfg["vision"], dp_rank, dp_size,
-                   seed=recipe.data.seed)
+def build_train_loader(recipe, tokenizer, model_cfg: dict, dp_rank: int, dp_size: int,
+                       per_rank: bool = False):
+    """The training loader: global batches split across DP ranks (resumable at any DP size), or
+    with ``per_rank`` the older per-DP-rank streams (to resume checkpoints saved with them)."""
+    if per_rank:
+        return _loader(recipe, recipe.data.blend, tokenizer, model_cfg["vision"], dp_rank, dp_size,
+                       seed=recipe.data.seed)
+    group = _loader(recipe, recipe.data.blend, tokenizer, model_cfg["vision"], 0, 1,
+                    seed=recipe.data.seed)
+    per_step = recipe.train.global_batch_size // (recipe.train.micro_batch_size * dp_size)
+    return GlobalBatchLoader(group, dp_rank, dp_size, per_step)
 
 
 def build_eval_batches(recipe, tokenizer, model_cfg: dict, dp_rank: int, dp_size: int) -> dict:

@@ -17,6 +17,7 @@ import torch
 
 from megatron_vlm.distributed import initialize_distributed, read_launch_env
 from megatron_vlm.platform import device
+from megatron_vlm.data.loader import is_global_state
 from megatron_vlm.training import checkpoint as ckpt
 from megatron_vlm.training.optim import build_optimizer, wrap_with_ddp
 from megatron_vlm.training.progress import Progress
@@ -95,12 +96,16 @@ def run(recipe: Recipe) -> dict:
     if resume_from is not None:
         meta = resumed[1]
         saved_dp = re.search(r"dp=(\d+)", meta.get("layout", ""))
-        if meta["loader"] is None or saved_dp is None or int(saved_dp.group(1)) != layout.dp:
-            raise RecipeError(
-                f"{recipe.source}: cannot resume {resume_from} (written at {meta.get('layout')}) "
-                f"at {layout.describe()}: the data position is kept per data-parallel rank, so "
-                "resume at the same data-parallel size, or start a new stage from it with "
-                "checkpoint.init_from")
+        if not is_global_state(meta["loader"]):  # saved by per-rank loaders (older checkpoints)
+            if meta["loader"] is None or saved_dp is None or int(saved_dp.group(1)) != layout.dp:
+                raise RecipeError(
+                    f"{recipe.source}: cannot resume {resume_from} (written at "
+                    f"{meta.get('layout')}) at {layout.describe()}: its data position is kept "
+                    "per data-parallel rank, so resume at the same data-parallel size, or start a "
+                    "new stage from it with checkpoint.init_from")
+            loader.close()
+            loader = build_train_loader(recipe, tokenizer, model_cfg, dp_rank, layout.dp,
+                                        per_rank=True)
         start_step = meta["step"]
         resumed_first_eval = meta.get("eval_loss_first")
         loader.load_state_dict(meta["loader"])
