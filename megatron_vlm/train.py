@@ -52,6 +52,7 @@ def _describe(error: BaseException) -> tuple[str, int]:
     """One message and exit code per kind of error; a traceback only for unexpected ones."""
     import traceback
 
+    from megatron_vlm.data.dataset_stream import NoUsableSamples
     from megatron_vlm.training.checkpoint import CheckpointError
     from megatron_vlm.training.loop import TrainingStopped
 
@@ -63,6 +64,8 @@ def _describe(error: BaseException) -> tuple[str, int]:
         return f"{where}training stopped: {error}", 3
     if isinstance(error, CheckpointError):
         return f"{where}checkpoint error: {error}", 4
+    if isinstance(error, NoUsableSamples):
+        return f"{where}data error: {error}", 5
     if isinstance(error, KeyboardInterrupt):
         return f"{where}interrupted", 130
     trace = "".join(traceback.format_exception(error)).rstrip()

@@ -36,9 +36,10 @@ from dataclasses import dataclass
 
 from .batch import collate_rows
 from .blend import WeightedBlend
-from .dataset_stream import DatasetStream, StreamPosition
+from .dataset_stream import DatasetStream, NoUsableSamples, StreamPosition
 from .packing import PackedItem, RowPacker, fit_to_length
 from .prompt import PromptEncoder
+from .sample_checks import check_raw_sample
 from .sample_decoder import SampleError, decode_sample
 from .schema import MANIFEST_NAME, MANIFEST_SCHEMA
 from .shard_reader import expand_urls
@@ -187,9 +188,19 @@ class PackedVLMLoader:
             if len(self._logged) > 4096:
                 self._logged.popitem(last=False)
             logger.warning("dataset %s: %s; skipped (%s)", name, message, counter)
-        if self._consecutive_errors[k] > self.max_consecutive_errors:
-            raise RuntimeError(f"dataset {name}: {self._consecutive_errors[k]} unusable samples in a row, "
-                               f"last: {message}")
+        manifest = self.manifests[k]
+        # A whole pass over a dataset of known size without a usable sample: none will come.
+        limit = min(self.max_consecutive_errors,
+                    manifest["num_samples"] if manifest and manifest.get("num_samples") else
+                    self.max_consecutive_errors)
+        if self._consecutive_errors[k] > limit:
+            raise NoUsableSamples(f"dataset {name} ({self.specs[k].shards}): no usable sample in "
+                                  f"{self._consecutive_errors[k]} in a row (last: {message}; "
+                                  f"skips so far: {self._skip_summary(name)})")
+
+    def _skip_summary(self, name: str) -> str:
+        return ", ".join(f"{c}={n}" for c, n in self._counters[name].items()
+                         if n and c not in ("samples_read", "samples_used")) or "none"
 
     # ---- state ------------------------------------------------------------------------------
     def _snapshot(self) -> dict:
@@ -249,7 +260,10 @@ class PackedVLMLoader:
         name, stream = self.specs[k].name, self.streams[k]
         counters = self._counters[name]
         while True:
-            position, raw = stream.next(stop_epoch=self.num_epochs)
+            try:
+                position, raw = stream.next(stop_epoch=self.num_epochs)
+            except NoUsableSamples as exc:
+                raise NoUsableSamples(f"dataset {name} ({self.specs[k].shards}): {exc}") from None
             if raw is None:  # the finite pass is over
                 return None
             counters["samples_read"] += 1
@@ -257,13 +271,11 @@ class PackedVLMLoader:
                 self._skip(k, position, _READER_ERROR_COUNTER[raw.error_kind], f"shard {raw.shard} {raw.error}")
                 continue
             try:
+                check_raw_sample(raw)  # field types first: what follows may rely on them
                 decoded = decode_sample(raw, self.tile_size)
                 encoded = self.encoder.encode(decoded.meta)
-            except SampleError as exc:
+            except SampleError as exc:  # only our data errors: anything else is a bug to see
                 self._skip(k, position, exc.kind, f"shard {raw.shard} member {exc.member}: {exc.reason}")
-                continue
-            except (ValueError, KeyError, TypeError, IndexError) as exc:
-                self._skip(k, position, "schema_error", f"shard {raw.shard} member {raw.key}.json: {exc}")
                 continue
             fit = fit_to_length(encoded, self.seq_length)
             if fit.skip_reason == "media_too_long":

@@ -138,7 +138,7 @@ def run(recipe: Recipe) -> dict:
         progress.scalars(0, first_eval, "eval")
     else:
         first_eval = {"eval_loss": resumed_first_eval}
-    history, step, last = [], start_step, {}
+    history, step, last, reported_skips = [], start_step, {}, {}
     progress.restart_clock()  # throughput and ETA count training, not start-up and evaluation
     saved_step = start_step if resume_from is not None else None
 
@@ -169,6 +169,11 @@ def run(recipe: Recipe) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         history.append(last["loss"])
         progress.train_step(step, last["loss"], lr, last["grad_norm"])
+        skips = {f"skipped/{k}": v for k, v in loader.counters["total"].items()
+                 if v and k not in ("samples_read", "samples_used", "truncated_text")}
+        if skips != reported_skips:  # damaged samples skipped, by reason (console + TensorBoard)
+            progress.scalars(step, skips, "data")
+            reported_skips = skips
         if recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0:
             save(step)
         if recipe.eval.interval and step % recipe.eval.interval == 0 and step < recipe.train.steps:
