@@ -30,7 +30,7 @@ from megatron_vlm.data.tiling import TilingConfig
 from .record_checks import record_type_problem
 from .records import BuildOptions, RecordError, build_sample, sample_members
 
-SKIP_KINDS = ("missing_image", "corrupt_image", "bad_record", "undecodable_text")
+SKIP_KINDS = ("missing_image", "corrupt_image", "bad_record")
 
 _worker_state: dict = {}
 
@@ -43,7 +43,7 @@ def _process_line(item: tuple[int, str]):
     line_no, text = item
     try:
         if isinstance(text, bytes):  # not UTF-8 (see _read_lines)
-            raise RecordError("undecodable_text", f"line is not UTF-8 text: {text[:40]!r}")
+            raise RecordError("bad_record", f"line is not UTF-8 text: {text[:40]!r}")
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:

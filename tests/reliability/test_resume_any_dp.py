@@ -67,13 +67,16 @@ def test_dp2_checkpoint_resumes_at_dp1_and_back_with_the_same_losses(workdir):
         path = switched / late
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     (switched / "latest").write_text("step_0000002\n")
-    # DP=2 -> DP=1 for steps 3-4, then DP=1 -> DP=2 for steps 5-6.
-    one = launch_train(workdir, "stage1", "train.steps=4", "checkpoint.init_from=null",
-                       "checkpoint.dir=runs/switched", *common, nproc=1)
+    # DP=2 -> DP=1 for step 3 (the wall-time limit stops it after one step, saving step 3; the
+    # schedule keeps train.steps), then DP=1 -> DP=2 for steps 4-6.
+    one = launch_train(workdir, "stage1", f"train.steps={STEPS}", "checkpoint.init_from=null",
+                       "train.max_wall_minutes=0.0001", "checkpoint.dir=runs/switched", *common,
+                       nproc=1, check=False)
     assert "at step 2" in one.stdout, one.stdout[-2000:]
+    assert "saved checkpoint at step 3" in one.stdout, one.stdout[-2000:]
     two = launch_train(workdir, "stage1", f"train.steps={STEPS}", "checkpoint.init_from=null",
                        "checkpoint.dir=runs/switched", *common)
-    assert "at step 4" in two.stdout, two.stdout[-2000:]
+    assert "at step 3" in two.stdout, two.stdout[-2000:]
     got = read_log(switched)
     for step in range(3, STEPS + 1):
         assert abs(got[step]["loss"] - full[step]["loss"]) <= 1e-5, (step, got[step], full[step])
