@@ -217,6 +217,9 @@ def checkpoint_problem(path, share: tuple[int, int] = (0, 1)) -> Optional[str]:
         return None  # written before manifests: nothing more to compare with
     try:
         files = json.loads(manifest_file.read_text())["files"]
+        if not isinstance(files, dict) or not all(
+                isinstance(v, dict) and {"size", "crc32"} <= v.keys() for v in files.values()):
+            raise TypeError("no file list")
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} is unreadable ({e})"
     index, count = share
@@ -312,8 +315,15 @@ def resume(root, model_chunks: list, optimizer, scheduler,
         if problem is None:
             note = _latest_note(root, path)
             if problems or note:
+                aside = " (moved to step_*.damaged)" if problems else ""
                 say("; ".join([f"checkpoint {root / n} is unusable ({why})" for n, why in problems]
-                              + ([note] if note else [])) + f"; resuming from {path.name}")
+                              + ([note] if note else [])) + f"; resuming from {path.name}{aside}")
+            if rank == 0:  # kept for inspection, but no longer a candidate (nor deleted by `keep`)
+                for name, _ in problems:
+                    damaged = root / f"{name.split('.')[0]}.damaged"
+                    if not damaged.exists():
+                        os.rename(root / name, damaged)
+            _barrier()
             return path, meta
         problems.append((path.name, problem))
     if problems:

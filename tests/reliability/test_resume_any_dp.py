@@ -1,8 +1,11 @@
 """Resume at another data-parallel size: the global batches do not depend on the DP size, so an
 interrupted run continues at DP=1 or DP=2 with exactly the samples of the uninterrupted run."""
 
+import json
 import shutil
 from collections import Counter
+
+import pytest
 
 from megatron_vlm.data.loader import DatasetSpec, GlobalBatchLoader, PackedVLMLoader
 from megatron_vlm.data.tokenizer import VLMTokenizer
@@ -81,3 +84,30 @@ def test_dp2_checkpoint_resumes_at_dp1_and_back_with_the_same_losses(workdir):
     for step in range(3, STEPS + 1):
         assert abs(got[step]["loss"] - full[step]["loss"]) <= 1e-5, (step, got[step], full[step])
         assert abs(got[step]["grad_norm"] - full[step]["grad_norm"]) <= 1e-4 * full[step]["grad_norm"]
+
+
+@pytest.mark.slow
+def test_checkpoint_with_per_rank_loader_states_resumes_at_its_own_dp_size(workdir):
+    """Checkpoints from before global batches (per-DP-rank loader states, no manifest) resume at
+    their DP size with per-rank loaders, and are refused clearly at another."""
+    from tests.reliability.test_checkpoint_damage import TEXT_DATA as TEXT
+
+    common = ["schedule.warmup_steps=0", "train.global_batch_size=2", "checkpoint.interval=2",
+              *TEXT]
+    launch_train(workdir, "base", "train.steps=2", "checkpoint.dir=runs/old", *common)
+    step = workdir / "runs/old/step_0000002"
+    (step / "manifest.json").unlink()
+    tokenizer = VLMTokenizer.from_pretrained(str(workdir / "demo_data/tokenizer"))
+    for rank in range(2):  # what the per-rank loaders of the old code saved after two steps
+        specs = [DatasetSpec("0-text", str(workdir / "demo_data/shards/text/train"), 1.0),
+                 DatasetSpec("1-code", str(workdir / "demo_data/shards/code/train"), 1.0)]
+        old = PackedVLMLoader(specs, tokenizer, seq_length=256, micro_batch_size=1,
+                              dp_rank=rank, dp_size=2, seed=1234, tile_size=64, patch_size=16)
+        for _ in range(2):
+            next(old)
+        (step / "loader" / f"dp{rank:05d}.json").write_text(json.dumps(old.state_dict()))
+    refused = launch_train(workdir, "base", "train.steps=4", "checkpoint.dir=runs/old", *common,
+                           nproc=1, check=False)
+    assert refused.returncode != 0 and "resume at the same data-parallel size" in refused.stderr
+    resumed = launch_train(workdir, "base", "train.steps=4", "checkpoint.dir=runs/old", *common)
+    assert "at step 2" in resumed.stdout and sorted(read_log(workdir / "runs/old")) == [1, 2, 3, 4]
