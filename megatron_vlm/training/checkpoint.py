@@ -302,6 +302,7 @@ def resume(root, model_chunks: list, optimizer, scheduler,
     root = Path(root)
     rank, world = _world()
     candidates = _candidates(root) if root.is_dir() else []
+    note = _latest_note(root, candidates[0]) if candidates else None  # before anything moves
     problems = []
     for path in candidates:
         problem = _first_problem(checkpoint_problem(path, share=(rank, world)))
@@ -313,7 +314,6 @@ def resume(root, model_chunks: list, optimizer, scheduler,
                 problem = f"loading failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             problem = _first_problem(problem)
         if problem is None:
-            note = _latest_note(root, path)
             if problems or note:
                 aside = " (moved to step_*.damaged)" if problems else ""
                 say("; ".join([f"checkpoint {root / n} is unusable ({why})" for n, why in problems]
