@@ -291,6 +291,25 @@ def latest_checkpoint(root, say: Optional[Callable[[str], None]] = None) -> Opti
     return None
 
 
+def newest_verified(root, say: Callable[[str], None]) -> Optional[Path]:
+    """Collective :func:`latest_checkpoint`: the ranks split the reading and agree on the answer
+    (for loading weights on every rank, e.g. ``checkpoint.init_from``)."""
+    root = Path(root)
+    rank, world = _world()
+    problems = []
+    for path in _candidates(root) if root.is_dir() else []:
+        problem = _first_problem(checkpoint_problem(path, share=(rank, world)))
+        if problem is None:
+            for name, why in problems:
+                say(f"checkpoint {root / name} is damaged ({why}); using {path.name}")
+            return path
+        problems.append((path.name, problem))
+    if problems:
+        raise CheckpointError(f"{root}: no usable checkpoint: " +
+                              "; ".join(f"{n}: {why}" for n, why in problems))
+    return None
+
+
 def resume(root, model_chunks: list, optimizer, scheduler,
            say: Callable[[str], None]) -> Optional[tuple[Path, dict]]:
     """Collective: load the newest checkpoint under ``root`` that verifies and loads on every rank.

@@ -111,12 +111,12 @@ def run(recipe: Recipe) -> dict:
         loader.load_state_dict(meta["loader"])
         progress.say(f"resumed from {resume_from} at step {start_step}")
     elif recipe.checkpoint.init_from:
-        source = ckpt.latest_checkpoint(recipe.checkpoint.init_from)
+        source = ckpt.newest_verified(recipe.checkpoint.init_from, say=progress.say)
         if source is None or not ckpt.is_finished(recipe.checkpoint.init_from):
             raise RecipeError(
                 f"{recipe.source}: checkpoint.init_from: {recipe.checkpoint.init_from} holds no "
                 "finished stage (no summary.json); finish the previous stage first")
-        ckpt.load_checkpoint(source, ddp)  # weights only: fresh optimizer and schedule
+        ckpt.load_checkpoint(source, ddp, verify=False)  # weights only: fresh optimizer, schedule
         # Mixed precision keeps fp32 main weights made when the optimizer was built: refresh them
         # from the loaded weights, or the first step would write the random init back.
         optimizer.reload_model_params()

@@ -38,10 +38,13 @@ def test_damage_is_named_and_the_older_checkpoint_used(tmp_path, damage, words):
     said = []
     assert ckpt.latest_checkpoint(tmp_path, say=said.append) == older
     assert len(said) == 1 and "step_0000004 is damaged" in said[0] and words in said[0], said
+    assert ckpt.newest_verified(tmp_path, say=said.append) == older  # the collective variant
     damage(older)
     with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint: step_0000004: .*; "
                                                    "step_0000002: "):
         ckpt.latest_checkpoint(tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):
+        ckpt.newest_verified(tmp_path, say=said.append)
     with pytest.raises(ckpt.CheckpointError, match="not a usable checkpoint"):
         ckpt.load_checkpoint(newest, [])
 
