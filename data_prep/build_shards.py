@@ -27,6 +27,7 @@ from megatron_vlm.data.schema import MANIFEST_NAME, MANIFEST_SCHEMA
 from megatron_vlm.data.shard_writer import ShardWriter
 from megatron_vlm.data.tiling import TilingConfig
 
+from .record_checks import record_type_problem
 from .records import BuildOptions, RecordError, build_sample, sample_members
 
 SKIP_KINDS = ("missing_image", "corrupt_image", "bad_record")  # + missing_video, bad_video when met
@@ -41,12 +42,16 @@ def _init_worker(base_dir: str, options: BuildOptions) -> None:
 def _process_line(item: tuple[int, str]):
     line_no, text = item
     try:
+        if isinstance(text, bytes):  # not UTF-8 (see _read_lines)
+            raise RecordError("bad_record", f"line is not UTF-8 text: {text[:40]!r}")
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
             raise RecordError("bad_record", f"invalid JSON: {exc}") from exc
         if not isinstance(record, dict):
             raise RecordError("bad_record", "line is not a JSON object")
+        if (problem := record_type_problem(record)) is not None:
+            raise RecordError("bad_record", problem)
         meta, tiles = build_sample(record, line_no, _worker_state["base_dir"], _worker_state["options"])
         return line_no, "ok", sample_members(meta, tiles), len(tiles)
     except RecordError as exc:
@@ -54,8 +59,14 @@ def _process_line(item: tuple[int, str]):
 
 
 def _read_lines(path: str):
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    """(line number, text) per non-empty line; the raw bytes where a line is not UTF-8."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield line_no, raw
+                continue
             if line.strip():
                 yield line_no, line
 

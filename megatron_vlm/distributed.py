@@ -188,18 +188,21 @@ def _store_in_agent() -> bool:
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
-def watch_for_failures(launch: LaunchEnv, poll_s: float = 0.5) -> None:
-    """Start a daemon thread that ends this process quietly once another rank has failed."""
+def watch_for_failures(launch: LaunchEnv, poll_s: float = 0.5):
+    """Start a thread that ends this process quietly once another rank has failed.
+
+    Returns a function that stops the thread; call it before a normal exit (a thread left inside
+    a store call while the interpreter shuts down can abort the process).
+    """
     import threading
-    import time
 
     if launch.world_size == 1:
-        return
+        return lambda: None
+    stopped = threading.Event()
 
     def watch():
         store = None
-        while True:
-            time.sleep(poll_s)
+        while not stopped.wait(poll_s):
             if store is None:
                 store = _store_client(launch, timeout_s=2)
                 continue
@@ -208,12 +211,19 @@ def watch_for_failures(launch: LaunchEnv, poll_s: float = 0.5) -> None:
             except (RuntimeError, OSError):
                 store = None  # the store's host went away: reconnect (or the job is ending)
                 continue
-            if failed:
+            if failed and not stopped.is_set():
                 with contextlib.suppress(RuntimeError, OSError):
                     store.add(_EXITED_KEY, 1)
                 os._exit(1)  # the failed rank prints why; nothing to add here
 
-    threading.Thread(target=watch, name="failure-watch", daemon=True).start()
+    thread = threading.Thread(target=watch, name="failure-watch", daemon=True)
+    thread.start()
+
+    def stop():
+        stopped.set()
+        thread.join(timeout=10)
+
+    return stop
 
 
 def fail_job(message: str, exit_code: int, launch: LaunchEnv) -> None:

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - every error ends the job, reported once
-        message, code = _describe(e)
+        message, code = _describe(e, launch)
         if launch.world_size > 1:
             fail_job(message, code, launch)  # does not return: the other ranks stop too
         print(message, file=sys.stderr, flush=True)
@@ -48,33 +48,29 @@ def main(argv=None) -> int:
     return code
 
 
-def _describe(error: BaseException) -> tuple[str, int]:
+def _describe(error: BaseException, launch) -> tuple[str, int]:
     """One message and exit code per kind of error; a traceback only for unexpected ones."""
     import traceback
 
-    from megatron_vlm.training.checkpoint import CheckpointError
-    from megatron_vlm.training.loop import TrainingStopped
-
-    rank = launch_rank()
-    where = f"[rank {rank}] " if rank is not None else ""
+    where = f"[rank {launch.rank}] " if launch.world_size > 1 else ""
     if isinstance(error, RecipeError):  # the same on every rank
         return f"recipe error: {error}", 2
-    if isinstance(error, TrainingStopped):
-        return f"{where}training stopped: {error}", 3
-    if isinstance(error, CheckpointError):
-        return f"{where}checkpoint error: {error}", 4
     if isinstance(error, KeyboardInterrupt):
         return f"{where}interrupted", 130
+    try:
+        from megatron_vlm.data.dataset_stream import NoUsableSamples
+        from megatron_vlm.training.checkpoint import CheckpointError
+        from megatron_vlm.training.loop import TrainingStopped
+    except ImportError:  # the error may be this very import failing: report it as it is
+        pass
+    else:
+        for kind, label, code in ((TrainingStopped, "training stopped", 3),
+                                  (CheckpointError, "checkpoint error", 4),
+                                  (NoUsableSamples, "data error", 5)):
+            if isinstance(error, kind):
+                return f"{where}{label}: {error}", code
     trace = "".join(traceback.format_exception(error)).rstrip()
     return f"{where}failed:\n{trace}", 1
-
-
-def launch_rank():
-    """This process's rank in a multi-process job, else None."""
-    from megatron_vlm.distributed import read_launch_env
-
-    launch = read_launch_env()
-    return launch.rank if launch.world_size > 1 else None
 
 
 def _run(args) -> int:
@@ -91,8 +87,11 @@ def _run(args) -> int:
         return 0
     from megatron_vlm.training.loop import run
 
-    watch_for_failures(read_launch_env())
-    summary = run(recipe)
+    stop_watching = watch_for_failures(read_launch_env())
+    try:
+        summary = run(recipe)
+    finally:
+        stop_watching()
     if summary.get("stopped"):
         # Not finished: a non-zero exit keeps job chains (Slurm afterok) from moving on;
         # running the same command again resumes from the checkpoint just written.

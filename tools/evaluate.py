@@ -107,8 +107,14 @@ def main(argv=None) -> int:
         from megatron_vlm.training.data_setup import video_options
         from megatron_vlm.training.model_setup import build_model_chunks
 
+        from megatron_vlm.training.checkpoint import CheckpointError
+
         torch.set_num_threads(max(1, threads))
-        ckpt = _resolve_checkpoint(ckpt_root)
+        try:
+            ckpt = _resolve_checkpoint(ckpt_root)
+        except CheckpointError as e:  # damaged checkpoints only: one line, not a traceback
+            print(f"checkpoint error: {e}", file=sys.stderr)
+            return 2
         if ckpt is None and not args.allow_random_init:
             print(f"no complete checkpoint under {ckpt_root}", file=sys.stderr)
             return 2
@@ -126,7 +132,11 @@ def main(argv=None) -> int:
                 print(f"recipe error: {e}", file=sys.stderr)
                 return 2
             if ckpt is not None:
-                load_checkpoint(ckpt, [model])  # weights only
+                try:
+                    load_checkpoint(ckpt, [model])  # weights only
+                except CheckpointError as e:
+                    print(f"checkpoint error: {e}", file=sys.stderr)
+                    return 2
             model.eval()
             vision = model_cfg["vision"]
             per_tile = tokens_per_tile(vision["tile_size"], vision["patch_size"],

@@ -44,6 +44,10 @@ class StreamPosition:
         return cls(epoch, slot, consumed)
 
 
+class NoUsableSamples(ValueError):
+    """A dataset that gives no usable sample at all; the message names it."""
+
+
 def _rng(*words: int) -> np.random.Generator:
     return np.random.default_rng([int(w) & 0xFFFFFFFF for w in words])
 
@@ -156,7 +160,8 @@ class DatasetStream:
             if shard_done:
                 empty_slots = empty_slots + 1 if pos.consumed == 0 else 0
                 if empty_slots > 2 * len(self.urls):
-                    raise RuntimeError(f"no readable samples in any shard of {self.urls[:3]}...")
+                    raise NoUsableSamples(f"no readable samples in any of its {len(self.urls)} "
+                                          f"shards ({self.urls[0]}, ...)")
                 slot = pos.slot + 1
                 if slot >= len(self.shards_of_epoch(pos.epoch)):
                     self._position = StreamPosition(pos.epoch + 1, 0, 0)

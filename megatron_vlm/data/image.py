@@ -20,18 +20,41 @@ class ImageDecodeError(ValueError):
     """Bytes that are not a complete, decodable image."""
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode Pillow opens -> 8-bit RGB; the one conversion used at build and at load time.
+
+    - transparency (RGBA, LA, La, PA, RGBa, or P/L/RGB with a transparency key): composited on
+      white (documents and plots are drawn on white), not black;
+    - 16/32-bit integer greyscale (I;16, I;16B, I...): 0..65535 scaled to 0..255 (Pillow's own
+      conversion clips everything above 255 to white);
+    - float greyscale (F): 0..1 when no value exceeds 1, else 0..255, clipped;
+    - everything else (1, L, P, CMYK, YCbCr, LAB, HSV, RGBX): Pillow's conversion.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "La", "PA", "RGBa") or "transparency" in img.info:
+        if img.mode == "La":  # premultiplied: Pillow converts it only to LA
+            img = img.convert("LA")
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        values = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_rgb(source) -> Image.Image:
     """Open a path or file object and fully decode it to RGB (raises on truncated/corrupt files)."""
     with Image.open(source) as img:
         img.load()  # decode now, so truncation is detected here and not later
-        if img.mode == "RGB":
-            return img.copy()
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            # Transparent pixels become white (documents and plots drawn on white), not black.
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return img.convert("RGB")
+        return to_rgb(img).copy()
 
 
 _TILE_FORMATS = ("PNG", "JPEG")
@@ -44,8 +67,7 @@ def decode_tile(data: bytes, tile_size: int) -> np.ndarray:
         # for small tiles).
         with Image.open(io.BytesIO(data), formats=_TILE_FORMATS) as img:
             img.load()
-            if img.mode != "RGB":
-                img = img.convert("RGB")
+            img = to_rgb(img)  # tiles are written as RGB; converted like the build if not
             if img.size != (tile_size, tile_size):
                 raise ImageDecodeError(f"tile is {img.size[0]}x{img.size[1]}, expected {tile_size}x{tile_size}")
             return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(tile_size, tile_size, 3)

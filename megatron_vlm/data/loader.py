@@ -36,9 +36,10 @@ from dataclasses import dataclass
 
 from .batch import collate_rows
 from .blend import WeightedBlend
-from .dataset_stream import DatasetStream, StreamPosition
+from .dataset_stream import DatasetStream, NoUsableSamples, StreamPosition
 from .packing import PackedItem, RowPacker, fit_to_length
 from .prompt import PromptEncoder
+from .sample_checks import check_raw_sample
 from .sample_decoder import SampleError, decode_sample
 from .schema import MANIFEST_NAME, MANIFEST_SCHEMA
 from .shard_reader import expand_urls
@@ -198,9 +199,19 @@ class PackedVLMLoader:
             if len(self._logged) > 4096:
                 self._logged.popitem(last=False)
             logger.warning("dataset %s: %s; skipped (%s)", name, message, counter)
-        if self._consecutive_errors[k] > self.max_consecutive_errors:
-            raise RuntimeError(f"dataset {name}: {self._consecutive_errors[k]} unusable samples in a row, "
-                               f"last: {message}")
+        manifest = self.manifests[k]
+        # A whole pass over a dataset of known size without a usable sample: none will come.
+        limit = min(self.max_consecutive_errors,
+                    manifest["num_samples"] if manifest and manifest.get("num_samples") else
+                    self.max_consecutive_errors)
+        if self._consecutive_errors[k] > limit:
+            raise NoUsableSamples(f"dataset {name} ({self.specs[k].shards}): no usable sample in "
+                                  f"{self._consecutive_errors[k]} in a row (last: {message}; "
+                                  f"skips so far: {self._skip_summary(name)})")
+
+    def _skip_summary(self, name: str) -> str:
+        return ", ".join(f"{c}={n}" for c, n in self._counters[name].items()
+                         if n and c not in ("samples_read", "samples_used")) or "none"
 
     # ---- state ------------------------------------------------------------------------------
     def _snapshot(self) -> dict:
@@ -260,7 +271,10 @@ class PackedVLMLoader:
         name, stream = self.specs[k].name, self.streams[k]
         counters = self._counters[name]
         while True:
-            position, raw = stream.next(stop_epoch=self.num_epochs)
+            try:
+                position, raw = stream.next(stop_epoch=self.num_epochs)
+            except NoUsableSamples as exc:
+                raise NoUsableSamples(f"dataset {name} ({self.specs[k].shards}): {exc}") from None
             if raw is None:  # the finite pass is over
                 return None
             counters["samples_read"] += 1
@@ -268,14 +282,12 @@ class PackedVLMLoader:
                 self._skip(k, position, _READER_ERROR_COUNTER[raw.error_kind], f"shard {raw.shard} {raw.error}")
                 continue
             try:
+                check_raw_sample(raw)  # field types first: what follows may rely on them
                 decoded = decode_sample(raw, self.tile_size, self.video)
                 set_evs_rates(decoded.meta, self.video, self.seed, raw.key)
                 encoded = self.encoder.encode(decoded.meta)
-            except SampleError as exc:
+            except SampleError as exc:  # only our data errors: anything else is a bug to see
                 self._skip(k, position, exc.kind, f"shard {raw.shard} member {exc.member}: {exc.reason}")
-                continue
-            except (ValueError, KeyError, TypeError, IndexError) as exc:
-                self._skip(k, position, "schema_error", f"shard {raw.shard} member {raw.key}.json: {exc}")
                 continue
             fit = fit_to_length(encoded, self.seq_length)
             if fit.skip_reason == "media_too_long":
@@ -330,3 +342,65 @@ class PackedVLMLoader:
     def close(self) -> None:
         for s in self.streams:
             s.close()
+
+
+class GlobalBatchLoader:
+    """The data-parallel group's loader, of which each rank keeps its share of every global batch.
+
+    Every rank runs the same :class:`PackedVLMLoader` (streams read as if the DP size were 1) and
+    builds the same global batch of ``micro_batches_per_rank x dp_size`` micro-batches; rank ``r``
+    keeps micro-batches ``[r * n, (r + 1) * n)``. The global batches, and the loader state after
+    each, therefore do not depend on the DP size: a checkpoint resumes at any DP (and TP/PP) size
+    with exactly the samples the uninterrupted run would have used, none twice.
+
+    The price: every rank reads and decodes the samples of the whole global batch (cheap for the
+    pre-cut tiles of our shards next to a training step; per-rank streams would avoid it).
+    """
+
+    STATE_VERSION = 2
+
+    def __init__(self, inner: PackedVLMLoader, dp_rank: int, dp_size: int,
+                 micro_batches_per_rank: int):
+        if inner.dp_size != 1:
+            raise ValueError("GlobalBatchLoader needs the whole group's loader (dp_size=1)")
+        if not 0 <= dp_rank < dp_size or micro_batches_per_rank < 1:
+            raise ValueError(f"dp_rank {dp_rank} of {dp_size}, {micro_batches_per_rank} micro-batches")
+        self.inner, self.dp_rank, self.dp_size = inner, dp_rank, dp_size
+        self.micro_batches_per_rank = micro_batches_per_rank
+        self._mine: list[dict] = []
+
+    @property
+    def counters(self) -> dict:
+        return self.inner.counters
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if not self._mine:
+            n = self.micro_batches_per_rank
+            group = [next(self.inner) for _ in range(n * self.dp_size)]
+            self._mine = group[self.dp_rank * n:(self.dp_rank + 1) * n]
+        return self._mine.pop(0)
+
+    def state_dict(self) -> dict:
+        """The group's position after the last global batch (the same on every rank)."""
+        if self._mine:
+            raise RuntimeError("loader state is only defined between global batches")
+        return {"version": self.STATE_VERSION, "global_batches": True, "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not is_global_state(state):
+            raise ValueError("loader state is per data-parallel rank (an older checkpoint): it "
+                             "resumes only with per-rank loaders at its own data-parallel size")
+        self.inner.load_state_dict(state["inner"])
+        self._mine = []
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def is_global_state(state) -> bool:
+    """Whether a saved loader state is DP-size independent (GlobalBatchLoader's)."""
+    return isinstance(state, dict) and state.get("version") == GlobalBatchLoader.STATE_VERSION \
+        and state.get("global_batches") is True

@@ -7,7 +7,8 @@ Layout of a checkpoint root::
         meta.json          # step, consumed samples, layout, recipe name, scheduler state
         manifest.json      # every file above with its size and CRC-32, checked before loading
         ranks/rank00003.pt # per-rank RNG state (restored when resuming at the same layout)
-        loader/dp00001.json# data-parallel rank 1's data-loader position
+        loader/dp00001.json# data-parallel rank 1's data-loader position (the same on every DP
+                           # rank for the global-batch loader, so any DP size can resume)
 
 A checkpoint is written to ``step_N.tmp`` and renamed only once every rank has finished, then
 ``latest`` is replaced atomically. A crash at any point leaves the previous checkpoint and
@@ -218,6 +219,9 @@ def checkpoint_problem(path, share: tuple[int, int] = (0, 1)) -> Optional[str]:
         return None  # written before manifests: nothing more to compare with
     try:
         files = json.loads(manifest_file.read_text())["files"]
+        if not isinstance(files, dict) or not all(
+                isinstance(v, dict) and {"size", "crc32"} <= v.keys() for v in files.values()):
+            raise TypeError("no file list")
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} is unreadable ({e})"
     index, count = share
@@ -289,6 +293,25 @@ def latest_checkpoint(root, say: Optional[Callable[[str], None]] = None) -> Opti
     return None
 
 
+def newest_verified(root, say: Callable[[str], None]) -> Optional[Path]:
+    """Collective :func:`latest_checkpoint`: the ranks split the reading and agree on the answer
+    (for loading weights on every rank, e.g. ``checkpoint.init_from``)."""
+    root = Path(root)
+    rank, world = _world()
+    problems = []
+    for path in _candidates(root) if root.is_dir() else []:
+        problem = _first_problem(checkpoint_problem(path, share=(rank, world)))
+        if problem is None:
+            for name, why in problems:
+                say(f"checkpoint {root / name} is damaged ({why}); using {path.name}")
+            return path
+        problems.append((path.name, problem))
+    if problems:
+        raise CheckpointError(f"{root}: no usable checkpoint: " +
+                              "; ".join(f"{n}: {why}" for n, why in problems))
+    return None
+
+
 def resume(root, model_chunks: list, optimizer, scheduler,
            say: Callable[[str], None]) -> Optional[tuple[Path, dict]]:
     """Collective: load the newest checkpoint under ``root`` that verifies and loads on every rank.
@@ -300,6 +323,7 @@ def resume(root, model_chunks: list, optimizer, scheduler,
     root = Path(root)
     rank, world = _world()
     candidates = _candidates(root) if root.is_dir() else []
+    note = _latest_note(root, candidates[0]) if candidates else None  # before anything moves
     problems = []
     for path in candidates:
         problem = _first_problem(checkpoint_problem(path, share=(rank, world)))
@@ -311,10 +335,16 @@ def resume(root, model_chunks: list, optimizer, scheduler,
                 problem = f"loading failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             problem = _first_problem(problem)
         if problem is None:
-            note = _latest_note(root, path)
             if problems or note:
+                aside = " (moved to step_*.damaged)" if problems else ""
                 say("; ".join([f"checkpoint {root / n} is unusable ({why})" for n, why in problems]
-                              + ([note] if note else [])) + f"; resuming from {path.name}")
+                              + ([note] if note else [])) + f"; resuming from {path.name}{aside}")
+            if rank == 0:  # kept for inspection, but no longer a candidate (nor deleted by `keep`)
+                for name, _ in problems:
+                    damaged = root / f"{name.split('.')[0]}.damaged"
+                    if not damaged.exists():
+                        os.rename(root / name, damaged)
+            _barrier()
             return path, meta
         problems.append((path.name, problem))
     if problems:
@@ -445,6 +475,8 @@ def load_checkpoint(path, model_chunks: list, optimizer=None, scheduler=None,
         from megatron.core import parallel_state
 
         loader_file = path / "loader" / f"dp{parallel_state.get_data_parallel_rank():05d}.json"
+        if not loader_file.is_file():  # fewer DP ranks saved: a DP-independent state is in dp0's
+            loader_file = path / "loader" / f"dp{0:05d}.json"
         if loader_file.is_file():
             meta["loader"] = json.loads(loader_file.read_text())
         rank_file = path / "ranks" / f"rank{_rank():05d}.pt"

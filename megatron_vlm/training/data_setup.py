@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_vlm.data.loader import DatasetSpec, PackedVLMLoader
+from megatron_vlm.data.loader import DatasetSpec, GlobalBatchLoader, PackedVLMLoader
 from megatron_vlm.data.tokenizer import VLMTokenizer
 from megatron_vlm.data.video import VideoOptions
 
@@ -38,10 +38,17 @@ def _loader(recipe, sources, tokenizer, vision: dict, dp_rank: int, dp_size: int
         pad_multiple=2 * recipe.parallel.cp if recipe.parallel.cp > 1 else 1, **kwargs)
 
 
-def build_train_loader(recipe, tokenizer, model_cfg: dict, dp_rank: int,
-                       dp_size: int) -> PackedVLMLoader:
-    return _loader(recipe, recipe.data.blend, tokenizer, model_cfg["vision"], dp_rank, dp_size,
-                   seed=recipe.data.seed)
+def build_train_loader(recipe, tokenizer, model_cfg: dict, dp_rank: int, dp_size: int,
+                       per_rank: bool = False):
+    """The training loader: global batches split across DP ranks (resumable at any DP size), or
+    with ``per_rank`` the older per-DP-rank streams (to resume checkpoints saved with them)."""
+    if per_rank:
+        return _loader(recipe, recipe.data.blend, tokenizer, model_cfg["vision"], dp_rank, dp_size,
+                       seed=recipe.data.seed)
+    group = _loader(recipe, recipe.data.blend, tokenizer, model_cfg["vision"], 0, 1,
+                    seed=recipe.data.seed)
+    per_step = recipe.train.global_batch_size // (recipe.train.micro_batch_size * dp_size)
+    return GlobalBatchLoader(group, dp_rank, dp_size, per_step)
 
 
 def build_eval_batches(recipe, tokenizer, model_cfg: dict, dp_rank: int, dp_size: int,

@@ -17,6 +17,7 @@ import torch
 
 from megatron_vlm.distributed import initialize_distributed, read_launch_env
 from megatron_vlm.platform import device
+from megatron_vlm.data.loader import is_global_state
 from megatron_vlm.training import checkpoint as ckpt
 from megatron_vlm.training.optim import build_optimizer, wrap_with_ddp
 from megatron_vlm.training.progress import Progress
@@ -91,8 +92,8 @@ def run(recipe: Recipe) -> dict:
     # in a background thread that overlaps the step: up to one step's micro-batches ahead.
     reader = is_data_reader()
     loader = None
+    per_step = recipe.train.global_batch_size // (recipe.train.micro_batch_size * layout.dp)
     if reader:
-        per_step = recipe.train.global_batch_size // (recipe.train.micro_batch_size * layout.dp)
         loader = PrefetchingLoader(build_train_loader(recipe, tokenizer, model_cfg, dp_rank,
                                                       layout.dp), depth=min(max(2, per_step), 32))
     report = run_report.RunReport(recipe, model_chunks, layout, tokenizer.pad_id)
@@ -108,24 +109,30 @@ def run(recipe: Recipe) -> dict:
     if resume_from is not None:
         meta = resumed[1]
         saved_dp = re.search(r"dp=(\d+)", meta.get("layout", ""))
-        if meta["loader"] is None or saved_dp is None or int(saved_dp.group(1)) != layout.dp:
-            raise RecipeError(
-                f"{recipe.source}: cannot resume {resume_from} (written at {meta.get('layout')}) "
-                f"at {layout.describe()}: the data position is kept per data-parallel rank, so "
-                "resume at the same data-parallel size, or start a new stage from it with "
-                "checkpoint.init_from")
+        if not is_global_state(meta["loader"]):  # saved by per-rank loaders (older checkpoints)
+            if meta["loader"] is None or saved_dp is None or int(saved_dp.group(1)) != layout.dp:
+                raise RecipeError(
+                    f"{recipe.source}: cannot resume {resume_from} (written at "
+                    f"{meta.get('layout')}) at {layout.describe()}: its data position is kept "
+                    "per data-parallel rank, so resume at the same data-parallel size, or start a "
+                    "new stage from it with checkpoint.init_from")
+            if loader is not None:
+                loader.close()
+                loader = PrefetchingLoader(build_train_loader(
+                    recipe, tokenizer, model_cfg, dp_rank, layout.dp, per_rank=True),
+                    depth=min(max(2, per_step), 32))
         start_step = meta["step"]
         resumed_first_eval = meta.get("eval_loss_first")
         if loader is not None:
             loader.load_state_dict(meta["loader"])
         progress.say(f"resumed from {resume_from} at step {start_step}")
     elif recipe.checkpoint.init_from:
-        source = ckpt.latest_checkpoint(recipe.checkpoint.init_from)
+        source = ckpt.newest_verified(recipe.checkpoint.init_from, say=progress.say)
         if source is None or not ckpt.is_finished(recipe.checkpoint.init_from):
             raise RecipeError(
                 f"{recipe.source}: checkpoint.init_from: {recipe.checkpoint.init_from} holds no "
                 "finished stage (no summary.json); finish the previous stage first")
-        ckpt.load_checkpoint(source, ddp)  # weights only: fresh optimizer and schedule
+        ckpt.load_checkpoint(source, ddp, verify=False)  # weights only: fresh optimizer, schedule
         # Mixed precision keeps fp32 main weights made when the optimizer was built: refresh them
         # from the loaded weights, or the first step would write the random init back.
         optimizer.reload_model_params()
@@ -149,7 +156,7 @@ def run(recipe: Recipe) -> dict:
         progress.scalars(0, first_eval, "eval")
     else:
         first_eval = {"eval_loss": resumed_first_eval}
-    history, step, last = [], start_step, {}
+    history, step, last, reported_skips = [], start_step, {}, {}
     progress.restart_clock()  # throughput and ETA count training, not start-up and evaluation
     saved_step = start_step if resume_from is not None else None
 
@@ -186,6 +193,13 @@ def run(recipe: Recipe) -> dict:
         metrics = report.step_metrics(step, fetched, time.perf_counter() - step_start,
                                       fetch_wait + DATA_WAIT.take(), loader)
         progress.train_step(step, last["loss"], lr, last["grad_norm"], metrics)
+        if loader is not None:  # this rank reads data for its model-parallel group
+            skips = {f"skipped/{k}": v for k, v in loader.counters["total"].items()
+                     if v and k not in ("samples_read", "samples_used", "truncated_text")
+                     and not k.startswith("video_dali") and k != "video_pyav"}
+            if skips != reported_skips:  # damaged samples skipped, by reason (console + TensorBoard)
+                progress.scalars(step, skips, "data")
+                reported_skips = skips
         if recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0:
             save(step)
         if recipe.eval.interval and step % recipe.eval.interval == 0 and step < recipe.train.steps:

@@ -107,3 +107,18 @@ def test_double_colon_shard_lists_pass_the_path_check(tmp_path, monkeypatch):
     recipe.data.blend[0].path = f"{a}::{tmp_path / 'missing.tar'}"
     with pytest.raises(RecipeError, match="data.blend.0..path: path does not exist: .*missing.tar"):
         check_paths(recipe)
+
+
+def test_a_bad_value_on_two_ranks_is_printed_once(tmp_path):
+    from megatron_vlm.distributed import free_port
+
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port", str(free_port()), "-m", "megatron_vlm.train",
+                           "--recipe", "recipes/tiny/base.yaml", "optimizer.adam_eps=-1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert out.count("optimizer.adam_eps: must be > 0, got -1.0") == 1, out[-3000:]
+    assert out.count("recipe error: ") == 1, out[-3000:]

@@ -94,10 +94,16 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older_one(workdir):
     err = res["both_damaged"]["error"]
     assert "no usable checkpoint" in err and "step_0000004" in err and "step_0000002" in err, err
 
+    # A damaged checkpoint is set aside for inspection: no longer a candidate, nor deleted.
+    assert (workdir / "runs/truncated_shard/step_0000004.damaged").is_dir()
+    assert not (workdir / "runs/truncated_shard/step_0000004").exists()
+
     # Through the CLI: a truncated newest shard resumes from step 2 with the same later losses.
-    resumed = launch_train(workdir, "base", *RUN, "checkpoint.dir=runs/truncated_shard")
+    shutil.copytree(good, workdir / "runs/truncated_cli")
+    _truncate(workdir / "runs/truncated_cli/step_0000004")
+    resumed = launch_train(workdir, "base", *RUN, "checkpoint.dir=runs/truncated_cli")
     assert "step_0000004 is unusable" in resumed.stdout and "at step 2" in resumed.stdout
-    full, again = read_log(good), read_log(workdir / "runs/truncated_shard")
+    full, again = read_log(good), read_log(workdir / "runs/truncated_cli")
     for step in (3, 4):
         assert again[step]["loss"] == full[step]["loss"], (step, again[step], full[step])
         assert again[step]["grad_norm"] == full[step]["grad_norm"]
