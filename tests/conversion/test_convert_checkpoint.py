@@ -70,7 +70,7 @@ def test_import_round_trips_bit_exactly(exported):
     workdir, ckpt, vlm_dir, _ = exported
     proc = run_cli(workdir, "import", "--hf", str(vlm_dir), "--recipe", RECIPE,
                    "--out", "runs/imported", *OVERRIDES)
-    assert "vlm layout" in proc.stdout
+    assert "(vlm layout)" in proc.stdout
     imported = workdir / "runs/imported"
     assert (imported / "latest").read_text().strip() == "step_0000000"
     assert json.loads((imported / "step_0000000/meta.json").read_text())["step"] == 0
