@@ -173,3 +173,30 @@ def test_llm_only_and_released_layouts_map_to_the_same_weights(exported, vlm_cfg
     with pytest.raises(ValueError, match=r"not mapped: \[.model.extra.weight.\]"):
         hf.hf_to_ours(dict(hf.read_safetensors(llm_dir), **{"model.extra.weight": torch.ones(1)}),
                       vlm_cfg)
+
+
+def test_checkpoint_describes_itself(exported):
+    """description.json holds the resolved recipe and model config: the recipe rebuilt from it is
+    the one training used, the model config is the structured one the model was built from."""
+    import dataclasses
+    import os
+
+    from megatron_vlm.training import checkpoint_meta
+    from megatron_vlm.training.checkpoint import latest_checkpoint
+    from megatron_vlm.training.recipe import load_recipe
+
+    workdir, ckpt, _, _ = exported
+    description = checkpoint_meta.read(latest_checkpoint(ckpt))
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        trained = load_recipe(RECIPE, OVERRIDES + ["train.steps=2", "schedule.warmup_steps=0",
+                                                   "parallel.tp=2", "eval.batches=1",
+                                                   "checkpoint.dir=runs/stage1"])
+    finally:
+        os.chdir(cwd)
+    saved = checkpoint_meta.recipe_from(description)
+    assert dataclasses.asdict(saved) == dataclasses.asdict(trained)
+    assert description["model_config"] == load_vlm_config("recipes/models/vlm_tiny.yaml")
+    assert description["tokenizer"]["image_id"] is not None
+    assert description["tokenizer"]["path"] == str((workdir / "demo_data/tokenizer").resolve())
