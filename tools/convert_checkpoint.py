@@ -43,13 +43,13 @@ class ConvertError(Exception):
 
 
 def _resolve_checkpoint(path: str) -> Path:
-    from megatron_vlm.training.checkpoint import latest_checkpoint
-
     root = Path(path)
     if not root.exists():
         raise ConvertError(f"--checkpoint {path}: no such directory")
     if (root / "meta.json").is_file():
         return root
+    from megatron_vlm.training.checkpoint import latest_checkpoint
+
     found = latest_checkpoint(root)
     if found is None:
         raise ConvertError(f"--checkpoint {path}: no complete checkpoint (no latest/meta.json)")
