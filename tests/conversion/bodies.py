@@ -115,3 +115,17 @@ def state_diffs(workdir: str, recipe: str, overrides: list, a: str, b: str) -> d
             "only_b": sorted(set(sb) - set(sa)), "not_equal": not_equal,
             "changed_by_training": sum(not torch.equal(sa[k], fresh[k]) for k in sa),
             "numel": sum(v.numel() for v in sa.values())}
+
+
+def save_random_vlm(root: str, tp: int, pp: int) -> dict:
+    """The tiny VLM, freshly initialised at TP x PP, saved as a training checkpoint would be."""
+    from megatron_vlm.distributed import initialize_distributed
+    from megatron_vlm.models.vlm import build_vlm
+    from megatron_vlm.training.checkpoint import save_checkpoint
+    from tests.conversion.conftest import REPO
+
+    initialize_distributed(tp=tp, pp=pp)
+    model = build_vlm(str(REPO / "recipes/models/vlm_tiny.yaml"), image_token_id=7,
+                      use_cpu_initialization=True)
+    path = save_checkpoint(root, 0, [model], meta={"layout": f"tp={tp} pp={pp}"})
+    return {"path": str(path), "local_params": sum(p.numel() for p in model.parameters())}
