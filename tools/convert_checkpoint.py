@@ -127,6 +127,16 @@ def _check_hf_config(hf_dir: Path, vlm_cfg: dict) -> None:
         raw = json.loads(config_file.read_text())
     except ValueError as e:
         raise ConvertError(f"{config_file}: not valid JSON ({e})") from None
+    if raw.get("model_type") == "radio":  # a vision tower alone
+        vision = vlm_cfg["vision_model"]
+        expected = {"hidden_size": vision["hidden_size"], "num_hidden_layers": vision["num_layers"],
+                    "num_attention_heads": vision["num_attention_heads"]}
+        diffs = [f"{k}: HF {raw[k]!r} vs recipe {v!r}" for k, v in expected.items()
+                 if k in raw and raw[k] != v]
+        if diffs:
+            raise ConvertError(f"{hf_dir} does not match the recipe's vision tower: "
+                               + "; ".join(diffs))
+        return
     text = raw.get("text_config") or raw.get("llm_config") or raw
     expected = hf_config_kwargs(vlm_cfg["language_model"])
     diffs = [f"{k}: HF {text[k]!r} vs recipe {expected[k]!r}"

@@ -200,3 +200,9 @@ def test_checkpoint_describes_itself(exported):
     assert description["model_config"] == load_vlm_config("recipes/models/vlm_tiny.yaml")
     assert description["tokenizer"]["image_id"] is not None
     assert description["tokenizer"]["path"] == str((workdir / "demo_data/tokenizer").resolve())
+    # tools/evaluate.py takes it when --recipe is not given (at its single-process layout).
+    from tools.evaluate import EVAL_LAYOUT, _saved_recipe
+
+    for_eval = _saved_recipe(str(ckpt), EVAL_LAYOUT)
+    assert for_eval.parallel.tp == 1 and for_eval.model == trained.model
+    assert for_eval.data == trained.data and for_eval.name == "stage1"
