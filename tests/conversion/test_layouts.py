@@ -1,6 +1,7 @@
 """Export streams a checkpoint saved at pipeline parallel size 2 (layers split over two ranks'
 files) to the same tensors as megatron's own resharding load of it into a TP=1 model."""
 
+import pytest
 import torch
 
 from megatron_vlm.conversion import hf
@@ -12,6 +13,7 @@ from tests.multiproc import run_multiproc
 IDS = {"vocab_size": 4096, "eos_id": 2, "pad_id": 0, "bos_id": None, "image_id": 7}
 
 
+@pytest.mark.slow  # two torchrun ranks; TP=2 is covered in the default suite (test_convert_checkpoint)
 def test_export_of_a_pp2_checkpoint_equals_megatrons_tp1_load(single_process_megatron, tmp_path):
     from megatron_vlm.models.vlm import build_vlm, load_vlm_config
     from megatron_vlm.training.checkpoint import load_checkpoint
