@@ -66,7 +66,7 @@ def test_transformers_logits_match_ours(exported):
         assert ours == theirs and len(ours) >= 1, (key, ours, theirs)
 
 
-def test_import_round_trips_bit_exactly(exported):
+def test_import_round_trips_bit_exactly(exported, monkeypatch, capsys):
     workdir, ckpt, vlm_dir, _ = exported
     proc = run_cli(workdir, "import", "--hf", str(vlm_dir), "--recipe", RECIPE,
                    "--out", "runs/imported", *OVERRIDES)
@@ -82,7 +82,9 @@ def test_import_round_trips_bit_exactly(exported):
 
     # The imported checkpoint (TP=1) holds the weights of the trained TP=2 one: their exports are
     # the same tensors, and the same files byte for byte.
-    run_cli(workdir, "export", "--checkpoint", "runs/imported", "--out", "hf/from_tp1")
+    rc, _, _ = _cli_in_process(workdir, monkeypatch, capsys, "export", "--checkpoint",
+                               "runs/imported", "--out", "hf/from_tp1")
+    assert rc == 0
     from_tp2 = hf.read_safetensors(vlm_dir)
     from_tp1 = hf.read_safetensors(workdir / "hf/from_tp1")
     assert set(from_tp1) == set(from_tp2) and len(from_tp2) > 60
@@ -91,12 +93,14 @@ def test_import_round_trips_bit_exactly(exported):
         (vlm_dir / "model.safetensors").read_bytes()
 
 
-def test_bf16_sharded_export_loads_in_transformers(exported):
+def test_bf16_sharded_export_loads_in_transformers(exported, monkeypatch, capsys):
     from transformers import NemotronHForCausalLM
 
     workdir, _, _, llm_dir = exported
-    run_cli(workdir, "export", "--checkpoint", "runs/stage1", "--llm-only", "--out", "hf/bf16",
-            "--dtype", "bf16", "--max-shard-gb", str(256 / 1024 ** 2))
+    rc, _, _ = _cli_in_process(workdir, monkeypatch, capsys, "export", "--checkpoint",
+                               "runs/stage1", "--llm-only", "--out", "hf/bf16", "--dtype", "bf16",
+                               "--max-shard-gb", str(256 / 1024 ** 2))
+    assert rc == 0
     out = workdir / "hf/bf16"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -112,11 +116,26 @@ def test_bf16_sharded_export_loads_in_transformers(exported):
     assert all(torch.equal(loaded[k], v) for k, v in bf16.items())
 
 
-def test_verify_passes_on_the_export_and_fails_on_a_damaged_one(exported, tmp_path):
+def _cli_in_process(workdir, monkeypatch, capsys, *args) -> tuple:
+    """(exit code, stdout, stderr) of tools.convert_checkpoint run in this process (it starts and
+    ends its own one-process world): the libraries are imported already, which saves the seconds
+    a fresh interpreter spends on them."""
+    from tools.convert_checkpoint import main
+
+    monkeypatch.chdir(workdir)
+    capsys.readouterr()
+    rc = main([*args, "--quiet"])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_verify_passes_on_the_export_and_fails_on_a_damaged_one(exported, tmp_path, monkeypatch,
+                                                                capsys):
     workdir, _, vlm_dir, _ = exported
-    proc = run_cli(workdir, "verify", "--checkpoint", "runs/stage1", "--hf", str(vlm_dir))
-    assert "max |logit diff|" in proc.stdout and "image" in proc.stdout
-    diff = float(proc.stdout.split("max |logit diff| ")[1].split()[0])
+    rc, out, _ = _cli_in_process(workdir, monkeypatch, capsys, "verify", "--checkpoint",
+                                 "runs/stage1", "--hf", str(vlm_dir))
+    assert rc == 0 and "max |logit diff|" in out and "image" in out
+    diff = float(out.split("max |logit diff| ")[1].split()[0])
     assert diff <= TOL
     damaged = tmp_path / "damaged"
     damaged.mkdir()
@@ -125,22 +144,32 @@ def test_verify_passes_on_the_export_and_fails_on_a_damaged_one(exported, tmp_pa
     state = hf.read_safetensors(vlm_dir)
     state["language_model.model.norm_f.weight"] = state["language_model.model.norm_f.weight"] * 1.01
     hf.write_safetensors(state, damaged)
-    proc = run_cli(workdir, "verify", "--checkpoint", "runs/stage1", "--hf", str(damaged), expect=1)
-    assert "above the tolerance" in proc.stderr
+    rc, _, err = _cli_in_process(workdir, monkeypatch, capsys, "verify", "--checkpoint",
+                                 "runs/stage1", "--hf", str(damaged))
+    assert rc == 1 and "above the tolerance" in err
 
 
-def test_bad_input_is_one_line_and_exit_2(exported, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(exported, tmp_path, monkeypatch, capsys):
     workdir, _, vlm_dir, _ = exported
-    proc = run_cli(workdir, "export", "--checkpoint", "runs/nowhere", "--out", "hf/x", expect=2)
-    assert proc.stderr.strip() == "error: --checkpoint runs/nowhere: no such directory"
+    rc, _, err = _cli_in_process(workdir, monkeypatch, capsys, "export", "--checkpoint",
+                                 "runs/nowhere", "--out", "hf/x")
+    assert rc == 2 and err.strip() == "error: --checkpoint runs/nowhere: no such directory"
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text("{not json")
     (bad / "model.safetensors").write_bytes((vlm_dir / "model.safetensors").read_bytes())
-    proc = run_cli(workdir, "import", "--hf", str(bad), "--recipe", RECIPE, "--out", "runs/bad",
-                   *OVERRIDES, expect=2)
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith(f"error: {bad}/config.json: not valid JSON")
+    rc, _, err = _cli_in_process(workdir, monkeypatch, capsys, "import", "--hf", str(bad),
+                                 "--recipe", RECIPE, "--out", "runs/bad", *OVERRIDES)
+    assert rc == 2 and err.strip().splitlines()[-1].startswith(
+        f"error: {bad}/config.json: not valid JSON")
+    (bad / "config.json").write_text("{}")
+    state = hf.read_safetensors(vlm_dir)
+    state["language_model.model.layers.3.mixer.up_proj.weight"] = torch.zeros(7, 128)
+    hf.write_safetensors(state, bad)
+    rc, _, err = _cli_in_process(workdir, monkeypatch, capsys, "import", "--hf", str(bad),
+                                 "--recipe", RECIPE, "--out", "runs/bad", *OVERRIDES)
+    assert rc == 2 and "language_model.decoder.layers.3.mlp.linear_fc1.weight: HF gives (7, 128)" \
+        in err.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
