@@ -43,13 +43,13 @@ class ConvertError(Exception):
 
 
 def _resolve_checkpoint(path: str) -> Path:
-    from megatron_vlm.training.checkpoint import latest_checkpoint
-
     root = Path(path)
     if not root.exists():
         raise ConvertError(f"--checkpoint {path}: no such directory")
     if (root / "meta.json").is_file():
         return root
+    from megatron_vlm.training.checkpoint import latest_checkpoint
+
     found = latest_checkpoint(root)
     if found is None:
         raise ConvertError(f"--checkpoint {path}: no complete checkpoint (no latest/meta.json)")
@@ -127,6 +127,16 @@ def _check_hf_config(hf_dir: Path, vlm_cfg: dict) -> None:
         raw = json.loads(config_file.read_text())
     except ValueError as e:
         raise ConvertError(f"{config_file}: not valid JSON ({e})") from None
+    if raw.get("model_type") == "radio":  # a vision tower alone
+        vision = vlm_cfg["vision_model"]
+        expected = {"hidden_size": vision["hidden_size"], "num_hidden_layers": vision["num_layers"],
+                    "num_attention_heads": vision["num_attention_heads"]}
+        diffs = [f"{k}: HF {raw[k]!r} vs recipe {v!r}" for k, v in expected.items()
+                 if k in raw and raw[k] != v]
+        if diffs:
+            raise ConvertError(f"{hf_dir} does not match the recipe's vision tower: "
+                               + "; ".join(diffs))
+        return
     text = raw.get("text_config") or raw.get("llm_config") or raw
     expected = hf_config_kwargs(vlm_cfg["language_model"])
     diffs = [f"{k}: HF {text[k]!r} vs recipe {expected[k]!r}"
@@ -149,26 +159,36 @@ def import_(args) -> Path:
     from megatron_vlm.training.checkpoint import mark_finished, save_checkpoint
     from megatron_vlm.training.recipe import load_recipe
 
-    hf_dir = Path(args.hf)
-    if not hf_dir.is_dir():
-        raise ConvertError(f"--hf {hf_dir}: no such directory")
+    hf_dirs = [Path(d) for d in args.hf]
+    for hf_dir in hf_dirs:
+        if not hf_dir.is_dir():
+            raise ConvertError(f"--hf {hf_dir}: no such directory")
     recipe = load_recipe(args.recipe, args.overrides)
     _single_process()
     from megatron_vlm.training.model_setup import build_model_chunks
 
     chunks, _, model_cfg = build_model_chunks(recipe)
     vlm_cfg = model_cfg["vlm"]
-    _check_hf_config(hf_dir, vlm_cfg)
-    layout = hf.import_into(hf.unwrap(chunks[0]), hf_dir, vlm_cfg, progress=not args.quiet)
+    for hf_dir in hf_dirs:
+        _check_hf_config(hf_dir, vlm_cfg)
+    layouts = []
+    for hf_dir in hf_dirs:  # each fills its part (e.g. the released LLM, then the RADIO tower)
+        layouts.append(hf.import_into(hf.unwrap(chunks[0]), hf_dir, vlm_cfg,
+                                      progress=not args.quiet))
+        print(f"imported {hf_dir} ({layouts[-1]} layout)")
+    sources = [str(d.resolve()) for d in hf_dirs]
     path = save_checkpoint(args.out, 0, chunks,
                            meta={"recipe": recipe.name, "layout": "tp=1 pp=1",
-                                 "imported_from": str(hf_dir.resolve()), "hf_layout": layout})
+                                 "imported_from": sources, "hf_layout": layouts})
     # A finished "stage" as far as checkpoint.init_from is concerned.
-    mark_finished(args.out, {"stage": "imported", "steps": 0, "imported_from": str(hf_dir)})
-    if layout in ("llm", "vision"):
-        print(f"note: {hf_dir} holds the {'language model' if layout == 'llm' else 'vision tower'}"
-              " only; the other parts keep the recipe's fresh initialisation")
-    print(f"imported {hf_dir} ({layout} layout) -> {path}")
+    mark_finished(args.out, {"stage": "imported", "steps": 0, "imported_from": sources})
+    parts = {"vlm": {"language model", "vision tower", "connector"}, "llm": {"language model"},
+             "vision": {"vision tower"}}
+    filled = set().union(*(parts.get(l, parts["vlm"]) for l in layouts))
+    fresh = sorted(parts["vlm"] - filled)
+    if fresh:
+        print(f"note: the {', '.join(fresh)} keep(s) the recipe's fresh initialisation")
+    print(f"saved {path}")
     return path
 
 
@@ -211,7 +231,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=("bf16", "fp32"), help="cast weights (default: as saved)")
     ex.add_argument("--max-shard-gb", type=float, default=5.0)
     im = sub.add_parser("import", help="Hugging Face directory -> megatron checkpoint")
-    im.add_argument("--hf", required=True)
+    im.add_argument("--hf", required=True, action="append",
+                    help="HF directory; repeat to fill parts from several (LLM, RADIO)")
     im.add_argument("--recipe", required=True)
     im.add_argument("--out", required=True, help="checkpoint root to write (step 0)")
     ve = sub.add_parser("verify", help="our checkpoint vs its HF export on random inputs")

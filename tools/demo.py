@@ -1,6 +1,7 @@
 """`make demo`: generate the demo corpus, train the tiny base + Stage 0-4 recipes on 2 CPU
-processes, print the stage table, and export the final model to Hugging Face format
-(``transformers``' nemotron_h_omni VLM, and the LLM alone as NemotronHForCausalLM).
+processes, print the stage table, export the final model to Hugging Face format
+(``transformers``' nemotron_h_omni VLM, and the LLM alone as NemotronHForCausalLM) and verify that
+the export's logits match ours (``convert_checkpoint verify``).
 
     python -m tools.demo [--workdir runs/tiny] [--nproc 2]
 
@@ -41,6 +42,12 @@ def main(argv=None) -> int:
                         "recipes/tiny/stage4.yaml", "--checkpoint", str(args.workdir / "stage4"),
                         "--out", str(hf_dir), "--llm-out", str(hf_dir) + "-llm"],
                        cwd=REPO, check=True)
+    # The export computes what our model computes: same random tokens and tiles, max |logit diff|.
+    print(f"== verifying the export {hf_dir} against {args.workdir / 'stage4'}", flush=True)
+    # (--recipe: a stage trained before checkpoints described themselves is skipped, not redone.)
+    subprocess.run([sys.executable, "-m", "tools.convert_checkpoint", "verify", "--recipe",
+                    "recipes/tiny/stage4.yaml", "--checkpoint", str(args.workdir / "stage4"),
+                    "--hf", str(hf_dir)], cwd=REPO, check=True)
     print(f"\ndemo finished in {(time.monotonic() - t0) / 60:.1f} min; TensorBoard: "
           f"tensorboard --logdir {args.workdir}", flush=True)
     return 0

@@ -42,7 +42,8 @@ EVAL_LAYOUT = ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1",
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", required=True, help="stage recipe YAML")
+    ap.add_argument("--recipe", default=None,
+                    help="stage recipe YAML (default: the one saved in --checkpoint)")
     ap.add_argument("--checkpoint", default=None,
                     help="checkpoint root (its latest checkpoint is loaded) or one checkpoint "
                          "directory; default: the recipe's checkpoint.dir")
@@ -75,6 +76,19 @@ def _resolve_checkpoint(path: Path):
     return latest_checkpoint(path)
 
 
+def _saved_recipe(checkpoint, overrides):
+    """The recipe a self-describing checkpoint was trained with (checkpoint_meta)."""
+    from megatron_vlm.training import checkpoint_meta
+    from megatron_vlm.training.recipe import RecipeError
+
+    ckpt = _resolve_checkpoint(Path(checkpoint)) if checkpoint else None
+    description = checkpoint_meta.read(ckpt) if ckpt is not None else None
+    if description is None:
+        raise RecipeError(f"--recipe is needed: {checkpoint or 'no --checkpoint'} holds no "
+                          f"{checkpoint_meta.FILE}")
+    return checkpoint_meta.recipe_from(description, overrides)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from megatron_vlm.evaluation.tasks import EvalDataError, evaluate_tasks, find_data_root
@@ -82,7 +96,8 @@ def main(argv=None) -> int:
 
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
     try:
-        recipe = load_recipe(args.recipe, list(args.overrides) + EVAL_LAYOUT)
+        recipe = (load_recipe(args.recipe, list(args.overrides) + EVAL_LAYOUT) if args.recipe
+                  else _saved_recipe(args.checkpoint, list(args.overrides) + EVAL_LAYOUT))
     except RecipeError as e:
         print(f"recipe error: {e}", file=sys.stderr)
         return 2

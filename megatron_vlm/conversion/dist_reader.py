@@ -26,7 +26,6 @@ MODEL_PREFIXES = ("language_model.", "vision_model.", "vision_projection.")
 _SPLITS = {"in_proj.weight": ("z", "x", "B", "C", "dt"), "conv1d.weight": ("x", "B", "C"),
            "conv1d.bias": ("x", "B", "C")}
 _STACKED = re.compile(r"^(.*\.layers)\.(\D.*)$")
-_LAYER = re.compile(r"^(.*\.layers)\.(\d+)\.(.*)$")
 
 
 class DistCheckpointReader:

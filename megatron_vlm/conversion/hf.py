@@ -33,7 +33,6 @@ tokenizer's size and ``vocab_size``) are listed in ``generation_config.json``'s
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from pathlib import Path
@@ -70,10 +69,6 @@ def full_state(model: torch.nn.Module) -> Tensors:
     """The model's weights (TP=1 model), ``_extra_state`` dropped, detached (not copied)."""
     return {k: v.detach() for k, v in unwrap(model).state_dict().items()
             if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
-
-
-def _split(state: Tensors, prefix: str) -> Tensors:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def token_ids(tokenizer) -> dict:
@@ -373,15 +368,3 @@ def copy_tokenizer(src: Path, out: Path, tokenizer=None) -> list:
     if tokenizer is not None and tokenizer.added_tokens:
         tokenizer.backend.save(str(out / "tokenizer.json"))
     return copied
-
-
-def save_hf_dir(out: Path, state: Tensors, config, tokenizer_dir: Optional[Path],
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = write_safetensors(state, out, max_shard_bytes)
-    config.save_pretrained(str(out))
-    files.append("config.json")
-    if tokenizer_dir is not None:
-        files += copy_tokenizer(tokenizer_dir, out)
-    return files

@@ -20,6 +20,9 @@ Ours (megatron): ``linear_qkv`` interleaves per attention head ``[q_h; k_h; v_h]
 query-group layout with one head per group), so HF's q/k/v are regrouped by head. Per-layer
 pre-norms live inside the first linear of each block (``layer_norm_weight/bias``).
 
+The rename tables below become mapping rules (:func:`vision_rules`, :func:`connector_rules`,
+``megatron_vlm.conversion.mapping``) that every function here walks, in both directions.
+
 Not part of our model, so dropped on import (and checked where it matters): the input
 conditioner (normalisation is done in preprocessing; its mean/std must be CLIP's), ``summary_idxs``,
 the LayerScale factors of ``transformers``' RadioModel (must be 1: C-RADIO has no LayerScale) and
@@ -88,25 +91,15 @@ def _without_extra_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     return {k: v for k, v in state.items() if not k.endswith("_extra_state")}
 
 
-def _renamed(state: Dict[str, torch.Tensor], renames: dict, layout: str, to_hf: bool,
-             ours_prefix: str = "", hf_prefix: str = "") -> Dict[str, torch.Tensor]:
-    """Pop the tensors of a rename table (ours -> per-layout HF name) out of ``state`` and return
-    them under their names on the other side: HF's when ``to_hf``, else ours."""
-    pairs = [(ours_prefix + ours, hf_prefix + names[layout]) for ours, names in renames.items()]
-    if to_hf:
-        return {hf: state.pop(ours) for ours, hf in pairs}
-    return {ours: state.pop(hf) for ours, hf in pairs}
+def _walk(rules: list, state: Dict[str, torch.Tensor], side: str, what: str) -> Dict[str, torch.Tensor]:
+    """``state`` (HF names when ``side`` is "hf", else ours) through the rules; raises naming the
+    keys no rule takes."""
+    from megatron_vlm.conversion.mapping import to_hf, to_ours
 
-
-def _rename_all(state: Dict[str, torch.Tensor], renames: dict, layout: str, to_hf: bool,
-                what: str) -> Dict[str, torch.Tensor]:
-    """The whole of ``state`` through a rename table; raises on keys the table does not know."""
-    _check_layout(layout)
-    state = _without_extra_state(state) if to_hf else dict(state)
-    out = _renamed(state, renames, layout, to_hf)
-    if state:
-        raise ValueError(f"unmapped {what} keys: {sorted(state)}")
-    return out
+    extra = sorted(set(state) - {k for r in rules for k in getattr(r, side)})
+    if extra:
+        raise ValueError(f"unmapped {what} keys: {extra[:10]}")
+    return to_ours(rules, state) if side == "hf" else to_hf(rules, state)
 
 
 def _qkv_names(layout: str, kind: str) -> Tuple[str, ...]:
@@ -151,60 +144,29 @@ def vision_hf_to_megatron(hf_state: Dict[str, torch.Tensor], num_heads: int,
     """
     _check_layout(layout)
     hf_state = dict(hf_state)
-    out = _renamed(hf_state, _TOWER_RENAMES, layout, to_hf=False)
-    if out["position_embeddings"].dim() == 2:
-        out["position_embeddings"] = out["position_embeddings"].unsqueeze(0)
-    for i in range(_num_layers(hf_state, layout)):
-        hf_prefix = _LAYER_PREFIX[layout].format(i)
-        ours_prefix = f"decoder.layers.{i}."
-        for kind in ("weight", "bias"):
-            names = [hf_prefix + n for n in _qkv_names(layout, kind)]
-            if layout == "released":
-                q, k, v = hf_state.pop(names[0]).chunk(3, dim=0)
-            else:
-                q, k, v = (hf_state.pop(n) for n in names)
-            out[f"{ours_prefix}self_attention.linear_qkv.{kind}"] = interleave_qkv(q, k, v, num_heads)
-        out.update(_renamed(hf_state, _LAYER_RENAMES, layout, False, ours_prefix, hf_prefix))
     for key in _check_dropped(hf_state, layout):
         hf_state.pop(key)
-    if hf_state:
-        raise ValueError(f"unmapped HF vision keys: {sorted(hf_state)[:10]}")
-    return out
+    rules = vision_rules(_num_layers(hf_state, layout), num_heads, layout)
+    return _walk(rules, hf_state, "hf", "HF vision")
 
 
 def vision_megatron_to_hf(state: Dict[str, torch.Tensor], num_heads: int,
                           layout: str = "released") -> Dict[str, torch.Tensor]:
     """Our tower's full state dict -> HF tower weights (without conditioner / summary buffers)."""
-    _check_layout(layout)
     state = _without_extra_state(state)
-    out = _renamed(state, _TOWER_RENAMES, layout, to_hf=True)
-    layer_ids = sorted({int(k.split(".")[2]) for k in state if k.startswith("decoder.layers.")})
-    for i in layer_ids:
-        hf_prefix = _LAYER_PREFIX[layout].format(i)
-        ours_prefix = f"decoder.layers.{i}."
-        for kind in ("weight", "bias"):
-            q, k, v = split_qkv(state.pop(f"{ours_prefix}self_attention.linear_qkv.{kind}"), num_heads)
-            names = _qkv_names(layout, kind)
-            if layout == "released":
-                out[hf_prefix + names[0]] = torch.cat([q, k, v], dim=0)
-            else:
-                for name, t in zip(names, (q, k, v)):
-                    out[hf_prefix + name] = t
-        out.update(_renamed(state, _LAYER_RENAMES, layout, True, ours_prefix, hf_prefix))
-    if state:
-        raise ValueError(f"unmapped vision tower keys: {sorted(state)[:10]}")
-    return out
+    layers = len({k.split(".")[2] for k in state if k.startswith("decoder.layers.")})
+    return _walk(vision_rules(layers, num_heads, layout), state, "ours", "vision tower")
 
 
 def connector_hf_to_megatron(hf_state: Dict[str, torch.Tensor],
                              layout: str = "released") -> Dict[str, torch.Tensor]:
     """HF projector weights -> our connector's state dict (raises on unknown keys)."""
-    return _rename_all(hf_state, _CONNECTOR_RENAMES, layout, False, "HF connector")
+    return _walk(connector_rules(layout), dict(hf_state), "hf", "HF connector")
 
 
 def connector_megatron_to_hf(state: Dict[str, torch.Tensor],
                              layout: str = "released") -> Dict[str, torch.Tensor]:
-    return _rename_all(state, _CONNECTOR_RENAMES, layout, True, "connector")
+    return _walk(connector_rules(layout), _without_extra_state(state), "ours", "connector")
 
 
 def load_full_state(module: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:

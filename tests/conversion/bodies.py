@@ -78,6 +78,18 @@ def compare_with_transformers(workdir: str, recipe: str, checkpoint: str, overri
     pixels, grid = _packed_patches(tiles, model_cfg["vision"]["patch_size"])
     hf_mm = vlm(input_ids=mm, pixel_values=pixels, image_grid_hw=grid, use_cache=False).logits
     out["vlm_image_diff"] = (hf_mm - ours_mm).abs().max().item()
+    # Greedy tokens of the trained model: ours (full re-forward) vs plain transformers generate
+    # (its KV and SSM caches) for the LLM export and the VLM export, on text and with images.
+    from megatron_vlm.conversion.verify import greedy_both
+
+    prompt = text[:1, :24]
+    out["greedy_llm"] = greedy_both(model, llm, prompt, 12, tokenizer.eos_id, tokenizer.vocab_size)
+    out["greedy_vlm"] = greedy_both(model, vlm, prompt, 12, tokenizer.eos_id, tokenizer.vocab_size)
+    end = int((mm[1] == tokenizer.img_end_id).nonzero()[0]) + 4  # row 1: its one tile, then text
+    pix1, grid1 = _packed_patches(tiles[2:3], model_cfg["vision"]["patch_size"])
+    out["greedy_vlm_image"] = greedy_both(model, vlm, mm[1:2, :end], 12, tokenizer.eos_id,
+                                          tokenizer.vocab_size, tiles=tiles[2:3],
+                                          pixel_values=pix1, image_grid_hw=grid1)
     # Negative control: a small change to one HF weight (one attention output projection, 1e-3
     # per element against weights of ~0.02) must show up far above the tolerance.
     o_proj = vlm.language_model.model.layers[1].mixer.o_proj.weight
@@ -103,3 +115,17 @@ def state_diffs(workdir: str, recipe: str, overrides: list, a: str, b: str) -> d
             "only_b": sorted(set(sb) - set(sa)), "not_equal": not_equal,
             "changed_by_training": sum(not torch.equal(sa[k], fresh[k]) for k in sa),
             "numel": sum(v.numel() for v in sa.values())}
+
+
+def save_random_vlm(root: str, tp: int, pp: int) -> dict:
+    """The tiny VLM, freshly initialised at TP x PP, saved as a training checkpoint would be."""
+    from megatron_vlm.distributed import initialize_distributed
+    from megatron_vlm.models.vlm import build_vlm
+    from megatron_vlm.training.checkpoint import save_checkpoint
+    from tests.conversion.conftest import REPO
+
+    initialize_distributed(tp=tp, pp=pp)
+    model = build_vlm(str(REPO / "recipes/models/vlm_tiny.yaml"), image_token_id=7,
+                      use_cpu_initialization=True)
+    path = save_checkpoint(root, 0, [model], meta={"layout": f"tp={tp} pp={pp}"})
+    return {"path": str(path), "local_params": sum(p.numel() for p in model.parameters())}

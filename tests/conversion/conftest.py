@@ -17,11 +17,11 @@ RECIPE = "recipes/tiny/stage1.yaml"
 OVERRIDES = ["checkpoint.init_from=null"]
 
 
-def run_cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+def run_cli(workdir: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "tools.convert_checkpoint", *args], cwd=workdir,
-                          env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
+    proc = subprocess.run([sys.executable, "-m", "tools.convert_checkpoint", *args, "--quiet"],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != expect:
         raise AssertionError(f"convert_checkpoint {args[0]} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -44,7 +44,8 @@ def exported(tmp_path_factory):
     workdir = repo_like_workdir(tmp_path_factory.mktemp("conversion"), corpus)
     launch_train(workdir, "stage1", "train.steps=2", "schedule.warmup_steps=0", "parallel.tp=2",
                  "eval.batches=1", "checkpoint.dir=runs/stage1", *OVERRIDES)
-    proc = run_cli(workdir, "export", "--recipe", RECIPE, "--checkpoint", "runs/stage1",
-                   "--out", "hf/vlm", "--llm-out", "hf/llm", *OVERRIDES)
+    # No --recipe: the checkpoint describes itself (description.json).
+    proc = run_cli(workdir, "export", "--checkpoint", "runs/stage1", "--out", "hf/vlm",
+                   "--llm-out", "hf/llm")
     assert "exported" in proc.stdout
     return workdir, workdir / "runs/stage1", workdir / "hf/vlm", workdir / "hf/llm"

@@ -11,7 +11,7 @@ from megatron_vlm.models.vlm import load_vlm_config
 from tests.conversion.conftest import OVERRIDES, RECIPE, run_cli
 from tests.multiproc import run_multiproc
 
-TOL = 1e-4  # fp32
+TOL = 1e-5  # fp32
 
 
 def test_export_writes_transformers_directories(exported):
@@ -27,8 +27,9 @@ def test_export_writes_transformers_directories(exported):
     assert vlm_cfg["text_config"]["layers_block_type"] == llm_cfg["layers_block_type"]
     assert vlm_cfg["image_token_id"] is not None and vlm_cfg["projector_hidden_size"] == 512
     tokenizer_dir = workdir / "demo_data" / "tokenizer"
+    assert (workdir / "runs/stage1/step_0000002/description.json").is_file()
     for out in (vlm_dir, llm_dir):
-        assert (out / "model.safetensors").is_file()
+        assert (out / "model.safetensors").is_file() and (out / "generation_config.json").is_file()
         for f in tokenizer_dir.iterdir():
             assert (out / f.name).read_bytes() == f.read_bytes()
     vlm_keys = set(hf.read_safetensors(vlm_dir))
@@ -59,13 +60,17 @@ def test_transformers_logits_match_ours(exported):
     assert r["logit_scale"] > 0.5
     assert r["mm_vs_text_rows"] > 0.1
     assert r["perturbed_diff"] > 100 * TOL
+    # The trained model's greedy tokens with plain transformers generate, LLM and VLM exports.
+    for key in ("greedy_llm", "greedy_vlm", "greedy_vlm_image"):
+        ours, theirs = r[key]
+        assert ours == theirs and len(ours) >= 1, (key, ours, theirs)
 
 
-def test_import_round_trips_bit_exactly(exported):
+def test_import_round_trips_bit_exactly(exported, monkeypatch, capsys):
     workdir, ckpt, vlm_dir, _ = exported
     proc = run_cli(workdir, "import", "--hf", str(vlm_dir), "--recipe", RECIPE,
                    "--out", "runs/imported", *OVERRIDES)
-    assert "vlm layout" in proc.stdout
+    assert "(vlm layout)" in proc.stdout
     imported = workdir / "runs/imported"
     assert (imported / "latest").read_text().strip() == "step_0000000"
     assert json.loads((imported / "step_0000000/meta.json").read_text())["step"] == 0
@@ -74,6 +79,97 @@ def test_import_round_trips_bit_exactly(exported):
     assert r["keys_a"] == r["keys_b"] > 60 and not r["only_a"] and not r["only_b"]
     assert r["not_equal"] == []
     assert r["changed_by_training"] > 60  # the trained weights differ from a fresh init
+
+    # The imported checkpoint (TP=1) holds the weights of the trained TP=2 one: their exports are
+    # the same tensors, and the same files byte for byte.
+    rc, _, _ = _cli_in_process(workdir, monkeypatch, capsys, "export", "--checkpoint",
+                               "runs/imported", "--out", "hf/from_tp1")
+    assert rc == 0
+    from_tp2 = hf.read_safetensors(vlm_dir)
+    from_tp1 = hf.read_safetensors(workdir / "hf/from_tp1")
+    assert set(from_tp1) == set(from_tp2) and len(from_tp2) > 60
+    assert all(torch.equal(from_tp1[k], v) for k, v in from_tp2.items())
+    assert (workdir / "hf/from_tp1/model.safetensors").read_bytes() == \
+        (vlm_dir / "model.safetensors").read_bytes()
+
+
+def test_bf16_sharded_export_loads_in_transformers(exported, monkeypatch, capsys):
+    from transformers import NemotronHForCausalLM
+
+    workdir, _, _, llm_dir = exported
+    rc, _, _ = _cli_in_process(workdir, monkeypatch, capsys, "export", "--checkpoint",
+                               "runs/stage1", "--llm-only", "--out", "hf/bf16", "--dtype", "bf16",
+                               "--max-shard-gb", str(256 / 1024 ** 2))
+    assert rc == 0
+    out = workdir / "hf/bf16"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and all((out / f).is_file() for f in shards)
+    fp32 = hf.read_safetensors(llm_dir)
+    bf16 = hf.read_safetensors(out)
+    assert set(bf16) == set(fp32)
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, fp32[k].bfloat16()) for k, v in bf16.items())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    model, info = NemotronHForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in bf16.items())
+
+
+def _cli_in_process(workdir, monkeypatch, capsys, *args) -> tuple:
+    """(exit code, stdout, stderr) of tools.convert_checkpoint run in this process (it starts and
+    ends its own one-process world): the libraries are imported already, which saves the seconds
+    a fresh interpreter spends on them."""
+    from tools.convert_checkpoint import main
+
+    monkeypatch.chdir(workdir)
+    capsys.readouterr()
+    rc = main([*args, "--quiet"])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_verify_passes_on_the_export_and_fails_on_a_damaged_one(exported, tmp_path, monkeypatch,
+                                                                capsys):
+    workdir, _, vlm_dir, _ = exported
+    rc, out, _ = _cli_in_process(workdir, monkeypatch, capsys, "verify", "--checkpoint",
+                                 "runs/stage1", "--hf", str(vlm_dir))
+    assert rc == 0 and "max |logit diff|" in out and "image" in out
+    diff = float(out.split("max |logit diff| ")[1].split()[0])
+    assert diff <= TOL
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in vlm_dir.iterdir():
+        (damaged / f.name).write_bytes(f.read_bytes())
+    state = hf.read_safetensors(vlm_dir)
+    state["language_model.model.norm_f.weight"] = state["language_model.model.norm_f.weight"] * 1.01
+    hf.write_safetensors(state, damaged)
+    rc, _, err = _cli_in_process(workdir, monkeypatch, capsys, "verify", "--checkpoint",
+                                 "runs/stage1", "--hf", str(damaged))
+    assert rc == 1 and "above the tolerance" in err
+
+
+def test_bad_input_is_one_line_and_exit_2(exported, tmp_path, monkeypatch, capsys):
+    workdir, _, vlm_dir, _ = exported
+    rc, _, err = _cli_in_process(workdir, monkeypatch, capsys, "export", "--checkpoint",
+                                 "runs/nowhere", "--out", "hf/x")
+    assert rc == 2 and err.strip() == "error: --checkpoint runs/nowhere: no such directory"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    (bad / "model.safetensors").write_bytes((vlm_dir / "model.safetensors").read_bytes())
+    rc, _, err = _cli_in_process(workdir, monkeypatch, capsys, "import", "--hf", str(bad),
+                                 "--recipe", RECIPE, "--out", "runs/bad", *OVERRIDES)
+    assert rc == 2 and err.strip().splitlines()[-1].startswith(
+        f"error: {bad}/config.json: not valid JSON")
+    (bad / "config.json").write_text("{}")
+    state = hf.read_safetensors(vlm_dir)
+    state["language_model.model.layers.3.mixer.up_proj.weight"] = torch.zeros(7, 128)
+    hf.write_safetensors(state, bad)
+    rc, _, err = _cli_in_process(workdir, monkeypatch, capsys, "import", "--hf", str(bad),
+                                 "--recipe", RECIPE, "--out", "runs/bad", *OVERRIDES)
+    assert rc == 2 and "language_model.decoder.layers.3.mlp.linear_fc1.weight: HF gives (7, 128)" \
+        in err.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -103,21 +199,39 @@ def test_llm_only_and_released_layouts_map_to_the_same_weights(exported, vlm_cfg
     assert set(back) == set(ours) and all(torch.equal(v, ours[k]) for k, v in back.items())
 
     # An unknown tensor is an error, not silently dropped.
-    with pytest.raises(ValueError, match="unmapped"):
+    with pytest.raises(ValueError, match=r"not mapped: \[.model.extra.weight.\]"):
         hf.hf_to_ours(dict(hf.read_safetensors(llm_dir), **{"model.extra.weight": torch.ones(1)}),
                       vlm_cfg)
 
 
-def test_sharded_export_loads_in_transformers(exported, tmp_path):
-    from transformers import NemotronHForCausalLM
+def test_checkpoint_describes_itself(exported):
+    """description.json holds the resolved recipe and model config: the recipe rebuilt from it is
+    the one training used, the model config is the structured one the model was built from."""
+    import dataclasses
+    import os
 
-    _, _, _, llm_dir = exported
-    state = hf.read_safetensors(llm_dir)
-    files = hf.write_safetensors(state, tmp_path, max_shard_bytes=512 * 1024)
-    assert len(files) > 3 and "model.safetensors.index.json" in files
-    (tmp_path / "config.json").write_bytes((llm_dir / "config.json").read_bytes())
-    assert all(torch.equal(v, state[k]) for k, v in hf.read_safetensors(tmp_path).items())
-    model, info = NemotronHForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    loaded = model.state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    from megatron_vlm.training import checkpoint_meta
+    from megatron_vlm.training.checkpoint import latest_checkpoint
+    from megatron_vlm.training.recipe import load_recipe
+
+    workdir, ckpt, _, _ = exported
+    description = checkpoint_meta.read(latest_checkpoint(ckpt))
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        trained = load_recipe(RECIPE, OVERRIDES + ["train.steps=2", "schedule.warmup_steps=0",
+                                                   "parallel.tp=2", "eval.batches=1",
+                                                   "checkpoint.dir=runs/stage1"])
+    finally:
+        os.chdir(cwd)
+    saved = checkpoint_meta.recipe_from(description)
+    assert dataclasses.asdict(saved) == dataclasses.asdict(trained)
+    assert description["model_config"] == load_vlm_config("recipes/models/vlm_tiny.yaml")
+    assert description["tokenizer"]["image_id"] is not None
+    assert description["tokenizer"]["path"] == str((workdir / "demo_data/tokenizer").resolve())
+    # tools/evaluate.py takes it when --recipe is not given (at its single-process layout).
+    from tools.evaluate import EVAL_LAYOUT, _saved_recipe
+
+    for_eval = _saved_recipe(str(ckpt), EVAL_LAYOUT)
+    assert for_eval.parallel.tp == 1 and for_eval.model == trained.model
+    assert for_eval.data == trained.data and for_eval.name == "stage1"

@@ -173,3 +173,32 @@ def test_unmapped_tensor_and_wrong_shape_are_named(single_process_megatron, writ
     save_file(wrong, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="decoder.layers.1.mlp.linear_fc1.weight: HF gives"):
         hf.import_into(model, tmp_path, ours_cfg)
+
+
+def test_cli_imports_released_llm_and_radio_into_one_checkpoint(written, tmp_path):
+    """`import --hf LLM --hf RADIO`: each fills its part of one checkpoint (the connector stays
+    fresh), tensor values as transformers wrote them."""
+    import yaml
+
+    from data_prep.train_tokenizer import train_bpe
+    from megatron_vlm.conversion.dist_reader import DistCheckpointReader
+    from tests.conversion.conftest import run_cli
+
+    train_bpe(["a released model walks into a converter"] * 50, vocab_size=300).save(tmp_path / "tok")
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(OURS))
+    recipe = {"name": "released", "model": {"config": str(tmp_path / "model.yaml")},
+              "data": {"blend": [{"path": "unused"}], "tokenizer": str(tmp_path / "tok"),
+                       "seq_length": 64},
+              "train": {"steps": 1, "global_batch_size": 1}, "optimizer": {"lr": 1e-4},
+              "checkpoint": {"dir": "unused"}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (llm_dir, llm), (radio_dir, radio) = written["llm"], written["vision"]
+    proc = run_cli(tmp_path, "import", "--recipe", str(tmp_path / "recipe.yaml"), "--hf",
+                   str(llm_dir), "--hf", str(radio_dir), "--out", str(tmp_path / "imported"))
+    assert "(llm layout)" in proc.stdout and "(vision layout)" in proc.stdout
+    assert "connector keep(s) the recipe's fresh initialisation" in proc.stdout
+    reader = DistCheckpointReader(tmp_path / "imported/step_0000000")
+    assert torch.equal(reader.read("language_model.decoder.layers.1.mlp.linear_fc1.weight"),
+                       llm["backbone.layers.1.mixer.up_proj.weight"])
+    assert torch.equal(reader.read("vision_model.decoder.layers.1.mlp.linear_fc2.weight"),
+                       radio["radio_model.model.blocks.1.mlp.fc2.weight"])
