@@ -276,7 +276,7 @@ def mamba_activation_bytes(shape: ModelShape, L: Layout, s: int, b: int) -> floa
         (2 * tok * G * N, f),                       # B, C operands of C.B
         ((2 * c + 1) * b * H * P * N, f),           # chunk states entering / carried
         (3 * tok * H + tok * G + b * H * c + 2 * H, f),  # dt, decay sums, norm rstd
-        (2 * q * q, 1),                             # causal masks
+        (q * q, 1),                                 # causal mask
     ]
     return _terms_bytes(terms)
 
