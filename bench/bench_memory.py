@@ -188,17 +188,32 @@ def run(lengths, modes=("none", "selective", "full")):
     return rows
 
 
+PARTS = ("mamba", "attention", "mlp", "vision", "connector", "logits", "recompute peak", "total")
+
+
 def markdown(rows) -> str:
+    """One row per (model, tokens, recompute); each part as 'measured MiB (planned / measured)'."""
     out = ["## Activation memory: planner vs measurement (bench_memory)", "",
            "Saved tensors of one training step's forward (fp32, batch 1, CPU, local specs), per "
-           "layer type summed over the model's layers; VLM: half the tokens are image tokens "
-           "(128 px tiles, 16 tokens each). Planner: `megatron_vlm/planning.py`, impl `torch`.", "",
-           "| model | tokens | recompute | part | measured MiB | planned MiB | planned / measured |",
-           "|---|---:|---|---|---:|---:|---:|"]
+           "layer type summed over the model's layers; full recompute: the stored layer inputs plus "
+           "the largest layer, rebuilt during its backward (`recompute peak`). VLM: half the tokens "
+           "are image tokens (128 px tiles, 16 tokens each). Each cell: measured MiB (planner / "
+           "measured); planner: `megatron_vlm/planning.py`, impl `torch`.", "",
+           "| model | tokens | recompute | " + " | ".join(PARTS) + " |",
+           "|---|---:|---|" + "---:|" * len(PARTS)]
+    table = {}
     for name, seq, mode, bucket, m, p in rows:
-        ratio = f"{p / m:.3f}" if m else "-"
-        b = f"**{bucket}**" if bucket == "total" else bucket
-        out.append(f"| {name} | {seq} | {mode} | {b} | {m / 2**20:.2f} | {p / 2**20:.2f} | {ratio} |")
+        table.setdefault((name, seq, mode), {})[bucket] = (m, p)
+    for (name, seq, mode), parts in table.items():
+        cells = []
+        for part in PARTS:
+            if part in parts and parts[part][0]:
+                m, p = parts[part]
+                cell = f"{m / 2**20:.2f} ({p / m:.3f})"
+                cells.append(f"**{cell}**" if part == "total" else cell)
+            else:
+                cells.append("-")
+        out.append(f"| {name} | {seq} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 

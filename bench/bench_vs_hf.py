@@ -11,9 +11,13 @@ Two comparisons of the tiny Nemotron-H (fp32, CPU, batch 1):
 
 Timing: after warm-up, A, B, A, B, ... (``--repeats`` pairs); the table gives each side's median,
 the ratio of medians (ours / transformers, in tokens/s) and the spread (the lowest and highest
-per-pair ratio), so load from other processes hits both sides alike.
+per-pair ratio), so load from other processes hits both sides alike. By default the clock is the
+CPU time of this process with one torch thread (tokens per CPU-second, like bench_data): on a
+shared, overloaded machine wall time mostly measures the scheduler. ``--wall-time --threads 2``
+gives wall-clock rates.
 
     python -m bench.bench_vs_hf --out results.md [--lengths 1024 4096 16384] [--repeats 3]
+        [--wall-time] [--threads N] [--skip-generate]
 """
 
 import argparse
@@ -48,15 +52,18 @@ def build_pair(max_len: int):
     return cfg, ours, hf
 
 
+CLOCK = time.perf_counter  # main() picks time.process_time unless --wall-time
+
+
 def interleaved(fn_a, fn_b, repeats: int, warmup: int = 1):
     for _ in range(warmup):
         fn_a(), fn_b()
     ta, tb = [], []
     for _ in range(repeats):
         for fn, times in ((fn_a, ta), (fn_b, tb)):
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn()
-            times.append(time.perf_counter() - t0)
+            times.append(CLOCK() - t0)
     return ta, tb
 
 
@@ -135,20 +142,32 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--wall-time", action="store_true",
+                    help="time wall-clock seconds (default: CPU-seconds of this process, which other "
+                         "load on a shared machine distorts far less)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--skip-generate", action="store_true")
     args = ap.parse_args()
+    global CLOCK
+    args.cpu_time = not args.wall_time
+    if args.cpu_time:
+        CLOCK = time.process_time
+    torch.set_num_threads(args.threads)
 
     from megatron_vlm.distributed import destroy_distributed, initialize_distributed
 
     initialize_distributed()
     cfg, ours, hf = build_pair(max(args.lengths + [args.prompt + args.new_tokens]))
-    gen = bench_generate(ours, hf, cfg, args.prompt, args.new_tokens, args.repeats)
+    gen = None if args.skip_generate else bench_generate(ours, hf, cfg, args.prompt,
+                                                         args.new_tokens, args.repeats)
     train = bench_train(ours, hf, cfg, args.lengths, args.repeats)
     destroy_distributed()
 
     k = lambda L: f"{L // 1024}K" if L % 1024 == 0 else str(L)  # noqa: E731
     lines = [
         "## Ours vs transformers (bench_vs_hf)", "",
-        f"Tiny Nemotron-H, same weights, fp32, batch 1, {torch.get_num_threads()} CPU threads; "
+        f"Tiny Nemotron-H, same weights, fp32, batch 1, {torch.get_num_threads()} CPU threads, "
+        f"{'CPU-seconds of the process' if args.cpu_time else 'wall time'}; "
         "interleaved A, B, A, B after one warm-up pair; ratio = ours / transformers tokens/s "
         "(ratio of medians), spread = lowest and highest per-pair ratio.", "",
         "| measurement | ours tok/s | transformers tok/s | ratio | spread | check |",
@@ -157,10 +176,11 @@ def main():
     for L, diff, a, b, r, lo, hi in train:
         lines.append(f"| training step {k(L)} (fwd+bwd+AdamW) | {a:,.0f} | {b:,.0f} | {r:.2f}x | "
                      f"{lo:.2f}-{hi:.2f} | first-step loss diff {diff:.1e} |")
-    p, n, same, a, b, r, lo, hi = gen
-    lines.append(f"| greedy generation, {p}-token prompt + {n} new (ours: decode state; "
-                 f"transformers: its cache) | {a:.1f} | {b:.1f} | {r:.2f}x | {lo:.2f}-{hi:.2f} | "
-                 f"{same}/{n} tokens equal |")
+    if gen:
+        p, n, same, a, b, r, lo, hi = gen
+        lines.append(f"| greedy generation, {p}-token prompt + {n} new (ours: decode state; "
+                     f"transformers: its cache) | {a:.1f} | {b:.1f} | {r:.2f}x | {lo:.2f}-{hi:.2f} "
+                     f"| {same}/{n} tokens equal |")
     lines += ["", f"Machine load at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
               "(1/5/15 min); the machine is shared, so absolute numbers move, ratios less."]
     text = "\n".join(lines) + "\n"

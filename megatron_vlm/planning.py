@@ -276,7 +276,7 @@ def mamba_activation_bytes(shape: ModelShape, L: Layout, s: int, b: int) -> floa
         (2 * tok * G * N, f),                       # B, C operands of C.B
         ((2 * c + 1) * b * H * P * N, f),           # chunk states entering / carried
         (3 * tok * H + tok * G + b * H * c + 2 * H, f),  # dt, decay sums, norm rstd
-        (2 * q * q, 1),                             # causal masks
+        (q * q, 1),                                 # causal mask
     ]
     return _terms_bytes(terms)
 
@@ -460,7 +460,8 @@ class Plan:
         f = self.flops_per_token
         lines.append("forward GFLOP/token: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in f.items()))
         lines.append(f"step time {self.step_seconds:.1f} s at {self.efficiency:.0%} of "
-                     f"{self.hardware.peak_tflops(L.precision):.0f} TFLOP/s peak, MFU {self.mfu:.1%}")
+                     f"{self.hardware.peak_tflops(L.precision):.0f} TFLOP/s peak, MFU {self.mfu:.1%} "
+                     "(model FLOPs: 3x forward of trained parts, without recompute)")
         lines.append(self.verdict())
         return "\n".join(lines)
 
@@ -556,6 +557,23 @@ def flops_per_token(shape: ModelShape, seq_length: int, tile_size: int = 512,
     return out
 
 
+def _training_flops(fpt: Dict[str, float], L: Layout):
+    """(executed, model) training FLOPs per token. A trainable part costs 3x its forward; a frozen
+    part that gradients pass through (the LLM, the connector) 2x; a frozen vision tower, run under
+    no_grad, 1x. Full recompute runs the recomputed parts' forward once more (executed only)."""
+    executed = model = 0.0
+    for part, flops in fpt.items():
+        owner = part if part in ("vision", "connector") else "llm"
+        if owner not in L.frozen:
+            passes = 3
+        else:
+            passes = 1 if owner == "vision" else 2
+        model += passes * flops
+        recomputed = L.recompute == "full" and (owner == "llm" or (owner == "vision" and L.recompute_vision))
+        executed += (passes + (1 if recomputed and passes > 1 else 0)) * flops
+    return executed, model
+
+
 def plan(shape: ModelShape, layout: Layout, hardware: Hardware, efficiency: float = 0.35,
          name: str = "", suggest: bool = True) -> Plan:
     L = layout
@@ -567,12 +585,11 @@ def plan(shape: ModelShape, layout: Layout, hardware: Hardware, efficiency: floa
     stages = [_stage_memory(shape, L, i, layers, counts)
               for i, layers in enumerate(stage_layer_split(shape.pattern, L.pp))]
     fpt = flops_per_token(shape, L.seq_length, L.tile_size, L.image_fraction)
-    forward = sum(fpt.values())
-    passes = 4 if L.recompute == "full" else 3
+    executed, model = _training_flops(fpt, L)
     tokens = L.global_batch * L.seq_length
     peak = hardware.peak_tflops(L.precision) * 1e12
-    step = passes * forward * tokens / (L.gpus * peak * efficiency)
-    mfu = 3 * forward * tokens / (step * L.gpus * peak)
+    step = executed * tokens / (L.gpus * peak * efficiency)
+    mfu = model * tokens / (step * L.gpus * peak)
     result = Plan(shape, L, hardware, params, stages, fpt, efficiency, step, mfu, name=name)
     if suggest and not result.fits:
         result.suggestions = smallest_changes(shape, L, hardware, efficiency)

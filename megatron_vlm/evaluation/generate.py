@@ -15,9 +15,9 @@ vocabulary (tensor parallel size 1).
 ``sample_generate`` draws instead of taking the argmax (temperature, top-k, top-p; seeded).
 
 ``tiles`` are the sample's tiles exactly as the training batches carry them: float32
-[N, 3, T, T], CLIP-normalised (``megatron_vlm.data.image.normalize_tiles`` of the shard's uint8
-tiles), in the order of the prompt's ``<image>`` tokens. uint8 [N, T, T, 3] arrays are normalised
-here with the same function.
+[N, 3, T, T], CLIP-normalised, in the order of the prompt's ``<image>`` tokens; or the shard's
+uint8 [N, T, T, 3], which travel to the device as uint8 and are normalised there by the VLM
+(``models.vlm.normalize_uint8_tiles``, the same arithmetic as ``data.image.normalize_tiles``).
 
 Logits of padded vocabulary entries (ids >= ``vocab_limit``, which the tokenizer never produces)
 are excluded from the argmax.
@@ -53,12 +53,16 @@ def _check_whole_model(model: torch.nn.Module) -> None:
 
 
 def prepare_tiles(tiles, device: torch.device, dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
-    """None/empty -> None; uint8 [N, T, T, 3] -> normalised [N, 3, T, T]; float tensors kept."""
+    """None/empty -> None; uint8 [N, T, T, 3] -> the same on ``device`` (the VLM normalises
+    them there); float tensors -> ``device`` / ``dtype``."""
     if tiles is None:
         return None
     if isinstance(tiles, np.ndarray) or (isinstance(tiles, torch.Tensor) and tiles.dtype == torch.uint8):
         if len(tiles) == 0:
             return None
+        tiles = torch.as_tensor(tiles)
+        if tiles.dtype == torch.uint8:  # moved as uint8, normalised on the device by the model
+            return tiles.to(device)
         from megatron_vlm.data.image import normalize_tiles
 
         tiles = normalize_tiles(tiles)

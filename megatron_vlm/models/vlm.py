@@ -6,7 +6,7 @@
     logits = model(tokens, tiles=tiles)                                # [b, s, vocab/tp]
 
 Inputs follow the data pipeline's batch contract: ``tokens`` [b, s]; ``tiles`` [N, 3, T, T]
-(CLIP-normalised) in the order their ``<image>`` context tokens appear in the batch-major
+(CLIP-normalised; or the shards' uint8 [N, T, T, 3], normalised on the device) in the order their ``<image>`` context tokens appear in the batch-major
 flattening of ``tokens``; each tile stands for ``(T/patch)^2 * ratio^2`` context tokens (256 for
 512 px tiles). Samples may have any number of tiles, including none; ``tiles`` may be None or
 empty when the batch has no image tokens.
@@ -79,6 +79,19 @@ def load_vlm_config(name_or_path: Union[str, Path, dict]) -> dict:
     cfg["language_model"] = load_model_config(cfg["language_model"])
     cfg["vision_model"] = load_radio_config(cfg["vision_model"])
     return cfg
+
+
+def normalize_uint8_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, T, T, 3] (the shards' layout) -> CLIP-normalised float32 [N, 3, T, T], computed
+    on the tiles' device: a quarter of the host work and host-to-device bytes of float tiles."""
+    from megatron_vlm.data.image import CLIP_MEAN, CLIP_STD
+
+    if tiles.ndim != 4 or tiles.shape[-1] != 3:
+        raise ValueError(f"expected uint8 tiles [N, T, T, 3], got {tuple(tiles.shape)}")
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=tiles.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=tiles.device).view(1, 3, 1, 1)
+    x = tiles.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    return x.sub_(mean).div_(std).contiguous()
 
 
 def _grad_context(frozen: bool):
@@ -242,6 +255,8 @@ class NemotronVLModel(MegatronModule):
         (after EVS pruning of the videos that ``media_tokens`` marks, see the module docstring)."""
         if tiles is not None and tiles.numel() == 0:
             tiles = None
+        if tiles is not None and tiles.dtype == torch.uint8:
+            tiles = normalize_uint8_tiles(tiles)
         image = num_embeddings = None
         if tiles is not None and media_tokens is not None and tiles_per_media is not None:
             per_tile = self.tokens_per_tile(tiles)

@@ -158,3 +158,11 @@ def test_ssd_step_equals_reference_recurrence():
     ys = [ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D) for t in range(L)]
     assert torch.allclose(torch.stack(ys, 1).double(), want, atol=1e-5)
     assert torch.allclose(state.double(), final, atol=1e-5)
+
+
+def test_uint8_tiles_are_normalised_in_the_model_exactly(model, prompt):
+    ids, tiles = prompt
+    with torch.no_grad():
+        a = model(torch.tensor([ids]), tiles=torch.from_numpy(tiles))
+        b = model(torch.tensor([ids]), tiles=normalize_tiles(tiles))
+    assert torch.equal(a, b)

@@ -110,3 +110,21 @@ def test_cli_reads_recipes_and_overrides(capsys):
     out = capsys.readouterr().out
     assert "cp=4" in out and "recompute=full" in out and rc == 0
     assert main(["--recipe", str(REPO / "recipes/nano_v2_vl/stage4.yaml"), "--gpus", "12"]) == 2
+
+
+def test_recipe_keys_of_other_features_are_read(tmp_path):
+    """recompute.* and parallel.cp_comm_type (added by other branches) reach the layout, whether or
+    not this branch's recipe validation knows them."""
+    recipe = tmp_path / "stage4_cp.yaml"
+    recipe.write_text(f"base: {REPO / 'recipes/nano_v2_vl/stage4.yaml'}\n"
+                      "parallel: {cp: 4, cp_comm_type: all_gather}\n"
+                      "recompute: {mode: full, vision: true}\n")
+    h100 = planning.Hardware.named("h100")
+    p = planning.plan_recipe(recipe, h100)
+    L = p.layout
+    assert (L.cp, L.cp_comm_type, L.recompute, L.dp) == (4, "all_gather", "full", 8)
+    assert p.fits
+    # all_gather CP keeps the other ranks' keys and values: more attention memory than p2p
+    kept = planning.plan_recipe(recipe, h100, recompute="none").peak.activations["attention"]
+    p2p = planning.plan_recipe(recipe, h100, recompute="none", cp_comm_type="p2p")
+    assert kept > p2p.peak.activations["attention"]
