@@ -383,10 +383,12 @@ class GlobalBatchLoader:
             self._mine = group[self.dp_rank * n:(self.dp_rank + 1) * n]
         return self._mine.pop(0)
 
-    def state_dict(self) -> dict:
-        """The group's position after the last global batch (the same on every rank)."""
+    def state_dict(self) -> dict | None:
+        """The group's position after the last global batch (the same on every rank); None in the
+        middle of a global batch (a prefetcher asks after every micro-batch; checkpoints are only
+        written between steps, where the state is defined)."""
         if self._mine:
-            raise RuntimeError("loader state is only defined between global batches")
+            return None
         return {"version": self.STATE_VERSION, "global_batches": True, "inner": self.inner.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
