@@ -54,4 +54,14 @@ setup(
                                     "tools", "tools.*"]),
     install_requires=RUNTIME,
     extras_require={"cpu": CPU, "dev": DEV, "gpu": GPU},
+    # The main commands on PATH (each is also `python -m <module>` from a checkout).
+    entry_points={"console_scripts": [
+        "mvlm-train = megatron_vlm.train:main",
+        "mvlm-run-stages = tools.run_stages:main",
+        "mvlm-convert = tools.convert_checkpoint:main",
+        "mvlm-evaluate = tools.evaluate:main",
+        "mvlm-plan = tools.plan:main",
+        "mvlm-build-shards = data_prep.build_shards:main",
+        "mvlm-inspect = data_prep.inspect:main",
+    ]},
 )
