@@ -62,6 +62,18 @@ def metadata_type_problem(meta) -> str | None:
                 return f"{where}.grid is {grid!r:.40}, expected [columns, rows]"
             if "thumbnail" in item and not isinstance(item["thumbnail"], bool):
                 return f"{where}.thumbnail is not true/false"
+        elif item["type"] == "video" and "member" in item:  # encoded clip (schema.py)
+            if not isinstance(item["member"], str):
+                return f"{where}.member is not a member name"
+            probe = item.get("probe")
+            if not isinstance(probe, dict):
+                return f"{where}.probe is not an object"
+            for key in ("duration", "fps"):
+                if key in probe and not _is_number(probe[key]):
+                    return f"{where}.probe.{key} is not a number"
+            for key in ("start", "end"):
+                if item.get(key) is not None and not _is_number(item[key]):
+                    return f"{where}.{key} is not a number"
         elif item["type"] == "video":
             frames = item.get("frames")
             if not isinstance(frames, list):
