@@ -5,6 +5,7 @@ import signal
 import time
 
 import psutil
+import pytest
 
 from tests.multiproc import run_multiproc
 from tests.training.conftest import launch_train, read_log
@@ -60,6 +61,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert res["fallback"] == "step_0000002"
 
 
+@pytest.mark.slow  # ~40 s; make test-all
 def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss_and_in_bf16(workdir):
     launch_train(workdir, "base", "train.steps=2", "schedule.warmup_steps=0", "parallel.tp=2",
                  "train.global_batch_size=2", "checkpoint.dir=runs/tp2", *TEXT_DATA)
@@ -142,6 +144,7 @@ def test_nan_loss_stops_naming_the_step_or_is_skipped(workdir):
     assert (workdir / "runs/nan_skip/summary.json").is_file()
 
 
+@pytest.mark.slow  # ~40 s; make test-all
 def test_bf16_stage_starts_from_the_previous_stage_weights(workdir):
     """Mixed precision keeps fp32 main weights: they must come from init_from, not the init."""
     bf16 = ["train.precision=bf16", "schedule.warmup_steps=0", *TEXT_DATA]
