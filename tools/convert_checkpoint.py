@@ -46,11 +46,17 @@ def _resolve_checkpoint(path: str) -> Path:
     root = Path(path)
     if not root.exists():
         raise ConvertError(f"--checkpoint {path}: no such directory")
-    if (root / "meta.json").is_file():
-        return root
-    from megatron_vlm.training.checkpoint import latest_checkpoint
+    from megatron_vlm.training.checkpoint import CheckpointError, checkpoint_problem, latest_checkpoint
 
-    found = latest_checkpoint(root)
+    if (root / "meta.json").is_file():  # one step's directory: verify its manifest
+        problem = checkpoint_problem(root)
+        if problem:
+            raise ConvertError(f"--checkpoint {path}: damaged checkpoint: {problem}")
+        return root
+    try:
+        found = latest_checkpoint(root)
+    except CheckpointError as e:
+        raise ConvertError(f"--checkpoint {path}: {e}") from None
     if found is None:
         raise ConvertError(f"--checkpoint {path}: no complete checkpoint (no latest/meta.json)")
     return found

@@ -235,3 +235,22 @@ def test_checkpoint_describes_itself(exported):
     for_eval = _saved_recipe(str(ckpt), EVAL_LAYOUT)
     assert for_eval.parallel.tp == 1 and for_eval.model == trained.model
     assert for_eval.data == trained.data and for_eval.name == "stage1"
+
+
+def test_damaged_checkpoint_is_one_line_and_exit_2(exported, monkeypatch, capsys):
+    import shutil
+
+    workdir, root, _, _ = exported
+    copy = workdir / "runs/damaged"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(root, copy, symlinks=True)
+    step = sorted(p for p in copy.iterdir() if p.is_dir() and p.name.startswith("step_"))[-1]
+    shard = max((p for p in step.rglob("*") if p.is_file() and p.suffix == ".distcp"),
+                key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    for target in (f"runs/damaged/{step.name}", "runs/damaged"):
+        rc, _, err = _cli_in_process(workdir, monkeypatch, capsys, "export", "--checkpoint",
+                                     target, "--out", "hf/damaged")
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: --checkpoint {target}"), err
+        assert shard.name in lines[0] or "damaged" in lines[0] or "no usable" in lines[0], err
