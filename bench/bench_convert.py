@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import emit
+
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {
     "tiny": {},
@@ -142,10 +144,7 @@ def main(argv=None) -> int:
     grow = ((r2["stream"]["peak_mib"] - base[big]) / max(1.0, r1["stream"]["peak_mib"] - base[tiny]))
     lines += ["", f"{big} has {p2 / p1:.1f}x the parameters of {tiny}; the streaming export's own "
               f"memory grows {grow:.1f}x."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(lines, args.out)
     return 0
 
 

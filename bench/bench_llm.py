@@ -12,13 +12,14 @@ throughput falls with length while the hybrid's falls only by its single attenti
 """
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from bench import emit, load_average
 
 
 def _median_time(fn, repeats: int, warmup: int = 2) -> float:
@@ -142,12 +143,9 @@ def main():
                      f"{ta:,.0f} | {th / ta:.2f}x |")
     lines += ["", "All throughputs in tokens/s (median of the repeats after warm-up). "
               "The machine's load at run time: "
-              f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min); "
+              f"{load_average()} (1/5/15 min); "
               "other processes on the same cores distort the numbers."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

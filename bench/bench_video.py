@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -30,6 +29,8 @@ from data_prep.demo_tasks import _video_story, render_clip  # noqa: E402
 from megatron_vlm.data.video import frame_times, plan_frames  # noqa: E402
 from megatron_vlm.data.video_decode import _to_tile, decode_clip  # noqa: E402
 from megatron_vlm.data.video_encode import decode_all, encode_frames  # noqa: E402
+
+from bench import emit, load_average  # noqa: E402
 
 RATES = (0.0, 0.5, 0.75, 0.9)
 
@@ -140,11 +141,8 @@ def main():
     for q, keep, length, sec in evs:
         lines.append(f"| {q} | {keep} | {length} | {sec:.3f} | {length / sec:,.0f} | {1 / sec:.2f} |")
     lines += ["", "The machine's load at run time: "
-              f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min)."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+              f"{load_average()} (1/5/15 min)."]
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

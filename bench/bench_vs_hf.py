@@ -21,13 +21,14 @@ gives wall-clock rates.
 """
 
 import argparse
-import os
 import statistics
 import time
 import warnings
 from pathlib import Path
 
 import torch
+
+from bench import emit, load_average
 
 warnings.filterwarnings("ignore")
 
@@ -181,12 +182,9 @@ def main():
         lines.append(f"| greedy generation, {p}-token prompt + {n} new (ours: decode state; "
                      f"transformers: its cache) | {a:.1f} | {b:.1f} | {r:.2f}x | {lo:.2f}-{hi:.2f} "
                      f"| {same}/{n} tokens equal |")
-    lines += ["", f"Machine load at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
+    lines += ["", f"Machine load at the end: {load_average()} "
               "(1/5/15 min); the machine is shared, so absolute numbers move, ratios less."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -279,18 +279,7 @@ def latest_checkpoint(root, say: Optional[Callable[[str], None]] = None) -> Opti
 
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     root = Path(root)
-    problems = []
-    for path in _candidates(root):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            for name, why in problems:
-                say(f"checkpoint {root / name} is damaged ({why}); using {path.name}")
-            return path
-        problems.append((path.name, problem))
-    if problems:
-        raise CheckpointError(f"{root}: no usable checkpoint: " +
-                              "; ".join(f"{n}: {why}" for n, why in problems))
-    return None
+    return _newest_good(root, _candidates(root), checkpoint_problem, say)
 
 
 def newest_verified(root, say: Callable[[str], None]) -> Optional[Path]:
@@ -298,9 +287,18 @@ def newest_verified(root, say: Callable[[str], None]) -> Optional[Path]:
     (for loading weights on every rank, e.g. ``checkpoint.init_from``)."""
     root = Path(root)
     rank, world = _world()
+    return _newest_good(root, _candidates(root) if root.is_dir() else [],
+                        lambda path: _first_problem(checkpoint_problem(path, share=(rank, world))),
+                        say)
+
+
+def _newest_good(root: Path, candidates: list, problem_of: Callable[[Path], Optional[str]],
+                 say: Callable[[str], None]) -> Optional[Path]:
+    """The first candidate without a problem (naming the damaged ones passed over); None when
+    there is no candidate, CheckpointError when every one is damaged."""
     problems = []
-    for path in _candidates(root) if root.is_dir() else []:
-        problem = _first_problem(checkpoint_problem(path, share=(rank, world)))
+    for path in candidates:
+        problem = problem_of(path)
         if problem is None:
             for name, why in problems:
                 say(f"checkpoint {root / name} is damaged ({why}); using {path.name}")
