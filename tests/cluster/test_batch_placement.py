@@ -52,14 +52,9 @@ def tiny_setup(megatron_single, workdir, monkeypatch):
     return chunks[0], batches
 
 
-def test_forward_step_moves_every_tensor_to_the_platform_device(tiny_setup, monkeypatch):
-    from megatron_vlm.training.step import masked_lm_loss
-    from megatron_vlm.training.vlm_step import vlm_forward_step
-
-    model, batches = tiny_setup
-    assert all(p.device.type == "meta" for p in model.parameters())
-    assert any(b["tiles"].shape[0] for b in batches), "want a batch with images"
-    monkeypatch.setattr(batch_io, "device", lambda: torch.device("meta"))
+def _input_devices(model, forward_step, runs) -> dict:
+    """Device type of every tensor reaching ``model`` when ``forward_step`` runs on each list of
+    batches in ``runs``; the model itself never runs (a pre-hook stops it at its input)."""
     seen = {}
 
     def check_inputs(module, args, kwargs):
@@ -68,11 +63,23 @@ def test_forward_step_moves_every_tensor_to_the_platform_device(tiny_setup, monk
 
     handle = model.register_forward_pre_hook(check_inputs, with_kwargs=True)
     try:
-        for batch in batches:
+        for batches in runs:
             with pytest.raises(_Reached):
-                vlm_forward_step(iter([batch]), model)
+                forward_step(iter(batches), model)
     finally:
         handle.remove()
+    return seen
+
+
+def test_forward_step_moves_every_tensor_to_the_platform_device(tiny_setup, monkeypatch):
+    from megatron_vlm.training.step import masked_lm_loss
+    from megatron_vlm.training.vlm_step import vlm_forward_step
+
+    model, batches = tiny_setup
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert any(b["tiles"].shape[0] for b in batches), "want a batch with images"
+    monkeypatch.setattr(batch_io, "device", lambda: torch.device("meta"))
+    seen = _input_devices(model, vlm_forward_step, [[batch] for batch in batches])
     names = set(seen)
     assert {"model[0][0]", "model[1].tiles", "model[1].labels",
             "model[1].packed_seq_params.cu_seqlens_q"} <= names, names
@@ -96,16 +103,5 @@ def test_forward_step_without_the_move_is_caught(tiny_setup, monkeypatch):
 
     model, batches = tiny_setup
     monkeypatch.setattr(batch_io, "device", lambda: torch.device("cpu"))  # = no move
-    seen = {}
-
-    def check_inputs(module, args, kwargs):
-        seen.update({name: t.device.type for name, t in _tensors((args, kwargs), "model")})
-        raise _Reached
-
-    handle = model.register_forward_pre_hook(check_inputs, with_kwargs=True)
-    try:
-        with pytest.raises(_Reached):
-            vlm_forward_step(iter(batches[-1:]), model)
-    finally:
-        handle.remove()
+    seen = _input_devices(model, vlm_forward_step, [batches[-1:]])
     assert seen["model[0][0]"] == "cpu" and seen["model[1].tiles"] == "cpu"
