@@ -3,7 +3,7 @@
     python -m data_prep.build_shards --input data/train.jsonl --out shards/train \\
         --samples-per-shard 256 --workers 2 --tile-size 512 --max-tiles 12
 
-Input records: see data_prep/records.py. Output: ``OUT/PREFIX-00000.tar ...`` in the layout of
+Input records: see data_prep/records.py (``--help`` prints the format). Output: ``OUT/PREFIX-00000.tar ...`` in the layout of
 megatron_vlm/data/schema.py and the manifest ``OUT/index.json`` (per-shard sample counts and
 bytes, tiling parameters, skip counts).
 
@@ -11,6 +11,13 @@ Records are tiled in parallel (``--workers`` processes) but written in input ord
 shards do not depend on the worker count, and re-running on the same input gives byte-identical
 shards (fixed tar metadata, canonical JSON). Records with a missing or corrupt image, or that do
 not parse, are reported with the file and line, counted and skipped; a summary ends the run.
+Long builds report progress (records done, records/s, ETA) on stderr every ``--progress-every``
+seconds.
+
+The tile size (with the rest of the tiling) is written to ``index.json``; the loader, the
+evaluation and recipe validation (``training/recipe.py: check_paths``) refuse shards whose tile
+size differs from the recipe's ``data.tile_size``, so build with the tile size of the recipe that
+will read the shards (64 for the tiny recipes, 512 for Nano V2 VL).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from megatron_vlm.data.shard_writer import ShardWriter
 from megatron_vlm.data.tiling import TilingConfig
 
 from .record_checks import record_type_problem
-from .records import BuildOptions, RecordError, build_sample, sample_members
+from .records import JSONL_FORMAT, BuildOptions, RecordError, build_sample, sample_members
 
 SKIP_KINDS = ("missing_image", "corrupt_image", "bad_record")  # + missing_video, bad_video when met
 
@@ -71,11 +78,38 @@ def _read_lines(path: str):
                 yield line_no, line
 
 
+def count_records(path: str) -> int:
+    """Non-empty lines of the JSONL (one fast pass, for the progress ETA)."""
+    with open(path, "rb") as f:
+        return sum(1 for raw in f if raw.strip())
+
+
+class Progress:
+    """``done/total records (x%), r records/s, ETA h:mm:ss`` at most every ``interval`` seconds."""
+
+    def __init__(self, total: int, log, interval: float = 10.0, clock=time.monotonic, label: str = ""):
+        self.total, self.log, self.interval, self.clock, self.label = total, log, interval, clock, label
+        self.start = self.last = clock()
+
+    def update(self, done: int) -> None:
+        now = self.clock()
+        if self.interval <= 0 or now - self.last < self.interval or done >= self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = int(round((self.total - done) / rate)) if rate > 0 else 0
+        self.log(f"{self.label}{done}/{self.total} records ({100 * done / max(self.total, 1):.0f}%), "
+                 f"{rate:.1f} records/s, ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+
+
 def build_shards(input_path: str, out_dir: str, *, tiling: TilingConfig = TilingConfig(),
                  samples_per_shard: int = 256, max_shard_bytes: int | None = None, workers: int = 1,
                  image_format: str = "png", jpeg_quality: int = 95, image_root: str | None = None,
-                 prefix: str = "shard", log=None, transcode: str | None = None) -> dict:
-    """Write the shards and the manifest; returns the manifest (which holds the summary)."""
+                 prefix: str = "shard", log=None, transcode: str | None = None,
+                 progress_every: float = 10.0, clock=time.monotonic) -> dict:
+    """Write the shards and the manifest; returns the manifest (which holds the summary).
+
+    ``progress_every``: seconds between progress lines on ``log`` (0: none)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
@@ -91,6 +125,8 @@ def build_shards(input_path: str, out_dir: str, *, tiling: TilingConfig = Tiling
     total_tiles = 0
     writer: ShardWriter | None = None
     start = time.perf_counter()
+    progress = Progress(count_records(input_path) if progress_every > 0 else 0, log, progress_every,
+                        clock, label=f"build_shards {source_name}: ")
 
     def close_writer():
         nonlocal writer
@@ -111,7 +147,8 @@ def build_shards(input_path: str, out_dir: str, *, tiling: TilingConfig = Tiling
         _init_worker(base_dir, options)
         results = map(_process_line, _read_lines(input_path))
     try:
-        for line_no, status, payload, n_tiles in results:
+        for done, (line_no, status, payload, n_tiles) in enumerate(results, start=1):
+            progress.update(done)
             if status != "ok":
                 skipped[status] = skipped.get(status, 0) + 1
                 log(f"skip {source_name}:{line_no}: {payload}")
@@ -155,29 +192,57 @@ def build_shards(input_path: str, out_dir: str, *, tiling: TilingConfig = Tiling
     return manifest
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, help="JSONL of conversations (media paths relative to it)")
-    p.add_argument("--out", required=True, help="output directory for shards + index.json")
-    p.add_argument("--prefix", default="shard", help="shard file name prefix")
-    p.add_argument("--samples-per-shard", type=int, default=256)
-    p.add_argument("--max-shard-bytes", type=int, default=None, help="also close a shard past this size")
-    p.add_argument("--workers", type=int, default=1, help="tiling processes")
-    p.add_argument("--tile-size", type=int, default=512)
-    p.add_argument("--min-tiles", type=int, default=1)
-    p.add_argument("--max-tiles", type=int, default=12)
-    p.add_argument("--no-thumbnail", action="store_true")
-    p.add_argument("--image-format", choices=("png", "jpeg"), default="png")
-    p.add_argument("--jpeg-quality", type=int, default=95)
-    p.add_argument("--image-root", default=None, help="base for relative media paths (default: JSONL folder)")
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.build_shards", description=__doc__,
+        epilog=JSONL_FORMAT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True,
+                   help="JSONL of records, one per line (format below); media paths are relative to it")
+    p.add_argument("--out", required=True, help="output directory for the shards and index.json")
+    p.add_argument("--prefix", default="shard",
+                   help="shard file name prefix: OUT/PREFIX-00000.tar ... (default: %(default)s)")
+    p.add_argument("--samples-per-shard", type=int, default=256,
+                   help="samples per shard file (default: %(default)s)")
+    p.add_argument("--max-shard-bytes", type=int, default=None,
+                   help="also close a shard once it holds this many bytes (default: no size limit)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes tiling records in parallel; the output does not depend on it "
+                        "(default: %(default)s)")
+    p.add_argument("--tile-size", type=int, default=512,
+                   help="tile side in pixels; must equal the data.tile_size of the recipes that "
+                        "read the shards: 64 for recipes/tiny, 512 for recipes/nano_v2_vl "
+                        "(default: %(default)s)")
+    p.add_argument("--min-tiles", type=int, default=1,
+                   help="fewest tiles an image is cut into, thumbnail not counted (default: %(default)s)")
+    p.add_argument("--max-tiles", type=int, default=12,
+                   help="most tiles an image is cut into, thumbnail not counted (default: %(default)s)")
+    p.add_argument("--no-thumbnail", action="store_true",
+                   help="no whole-image thumbnail tile after the grid (default: one is added when "
+                        "an image has more than one tile)")
+    p.add_argument("--image-format", choices=("png", "jpeg"), default="png",
+                   help="encoding of the stored tiles (default: %(default)s, lossless)")
+    p.add_argument("--jpeg-quality", type=int, default=95,
+                   help="quality with --image-format jpeg (default: %(default)s)")
+    p.add_argument("--image-root", default=None,
+                   help="base folder of relative media paths (default: the JSONL's folder)")
     p.add_argument("--transcode", choices=("vp9",), default=None,
-                   help="re-encode videos (e.g. for DALI's CPU decoder, which has no H.264)")
+                   help="re-encode videos, e.g. for DALI's CPU decoder, which has no H.264 "
+                        "(default: store the files' bytes as they are)")
+    p.add_argument("--progress-every", type=float, default=10.0,
+                   help="seconds between progress lines (records done, records/s, ETA) on stderr; "
+                        "0: none (default: %(default)s)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     tiling = TilingConfig(args.tile_size, args.min_tiles, args.max_tiles, not args.no_thumbnail)
     manifest = build_shards(args.input, args.out, tiling=tiling, samples_per_shard=args.samples_per_shard,
                             max_shard_bytes=args.max_shard_bytes, workers=args.workers,
                             image_format=args.image_format, jpeg_quality=args.jpeg_quality,
-                            image_root=args.image_root, prefix=args.prefix, transcode=args.transcode)
+                            image_root=args.image_root, prefix=args.prefix, transcode=args.transcode,
+                            progress_every=args.progress_every)
     print(json.dumps({"num_samples": manifest["num_samples"], "num_shards": len(manifest["shards"]),
                       "skipped": manifest["skipped"]}))
     return 0

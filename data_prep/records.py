@@ -42,6 +42,36 @@ from megatron_vlm.data.schema import (
 )
 from megatron_vlm.data.tiling import TilingConfig, resize_frame, tile_image
 
+JSONL_FORMAT = """\
+JSONL format: one JSON object per line; media paths are relative to the JSONL (or --image-root).
+
+  Image conversation (one "<image>" per image, in the order of "images"):
+    {"id": "x1",
+     "messages": [{"role": "system", "content": "/no_think"},
+                  {"role": "user", "content": "<image>\\nWhat is written here?"},
+                  {"role": "assistant", "content": "HELLO"}],
+     "images": ["images/x1.png"], "answer": "HELLO"}
+  Multi-turn, several images: any number of user/assistant turns; each "<image>" in a user
+    turn takes the next path of "images". Without any "<image>", one per image is put at the
+    start of the first user turn.
+  Video from a file ("start"/"end" in seconds, optional; the loader samples video.fps frames/s):
+    {"messages": [{"role": "user", "content": "<video>\\nWhat happens?"},
+                  {"role": "assistant", "content": "A ball rolls left."}],
+     "videos": [{"source": "clips/a.mp4", "start": 2.0, "end": 14.5}]}
+  Video as frames: "videos": [{"frames": ["f0.png", "f1.png"], "timestamps": [0.0, 0.5]}]
+  Plain document (loss on every token): {"id": "doc1", "text": "..."}
+
+  Turns: "role" is system | user | assistant ("conversations" with {"from": "human" | "gpt" |
+    "system", "value": ...} is accepted too). A top-level "system": "..." adds a system turn.
+  Reasoning: "/think" or "/no_think" in the system (or a user) turn switches it on or off (the
+    switch is removed from the text); an assistant turn may carry "reasoning": "..." (its
+    <think> block). Without reasoning the answer follows an empty <think></think>.
+  Loss: on the assistant turns only (think block, answer, end of turn).
+  "answer" (optional): the reference answer evaluation scores against (default: the last
+    assistant turn); "id" (optional): the sample's id (default: line<N>).
+  Records that do not fit are skipped with file:line and a reason, and counted in index.json.
+"""
+
 _PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 _ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                  "system": "system"}
@@ -171,6 +201,8 @@ def build_sample(record: dict, line: int, base_dir: str, options: BuildOptions) 
                 entries.append({"t": float(t), "tile": name})
             media.append({"type": "video", "source": video.get("source", frames[0]), "frames": entries})
     meta.update(kind="chat", conversation=turns, media=media, tile_size=cfg.tile_size)
+    if isinstance(record.get("answer"), str):  # the reference evaluation scores against
+        meta["answer"] = record["answer"]
     try:
         validate_metadata(meta)
     except SchemaError as exc:

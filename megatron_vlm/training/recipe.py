@@ -451,6 +451,26 @@ def check_against_world(recipe: Recipe, world_size: int) -> int:
     return layout.dp
 
 
+def _check_shard_tile_size(recipe: Recipe, key: str, path: Path) -> None:
+    """Shards whose manifest (build_shards' index.json) names another tile size than the recipe's."""
+    import json
+
+    from megatron_vlm.data.schema import MANIFEST_NAME
+
+    manifest = path / MANIFEST_NAME if path.is_dir() else path
+    if manifest.suffix != ".json" or not manifest.is_file():
+        return
+    try:
+        tile = json.loads(manifest.read_text())["tiling"]["tile_size"]
+    except (ValueError, KeyError, TypeError):
+        raise RecipeError(f"{recipe.source}: {key}: {manifest} is not a shard manifest with "
+                          "tiling.tile_size") from None
+    if tile != recipe.data.tile_size:
+        raise RecipeError(f"{recipe.source}: {key}: shards in {path} hold {tile} px tiles, the "
+                          f"recipe's data.tile_size is {recipe.data.tile_size} (rebuild them with "
+                          f"build_shards --tile-size {recipe.data.tile_size}, or set data.tile_size)")
+
+
 def check_paths(recipe: Recipe) -> None:
     """Data, tokenizer and model config must exist before any process starts computing."""
     checks = [("model.config", recipe.model.config), ("data.tokenizer", recipe.data.tokenizer)]
@@ -462,6 +482,8 @@ def check_paths(recipe: Recipe) -> None:
                 continue  # URLs and brace/glob shard specs are resolved by the loader
             if not Path(value).expanduser().exists():  # relative to the working directory
                 raise RecipeError(f"{recipe.source}: {key}: path does not exist: {value}")
+            if key.startswith("data."):
+                _check_shard_tile_size(recipe, key, Path(value).expanduser())
     check_model_parallel(recipe)
     if recipe.train.precision == "fp8":
         try:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
 from PIL import Image
 
 from data_prep.build_shards import build_shards
@@ -133,3 +134,57 @@ def test_video_record_fits_the_schema(tmp_path, tokenizer):
     assert sample.tiles.shape == (3, 32, 32, 3)
     enc = PromptEncoder(tokenizer, 4).encode(sample.meta)
     assert enc.tiles_per_media == [3] and (enc.tokens == tokenizer.image_id).sum() == 3 * 4
+
+
+# ---- --help, progress, the tile size a recipe must agree with -------------------------------------
+def test_help_documents_the_format_and_every_default():
+    from data_prep.build_shards import _parser
+
+    parser = _parser()
+    text = parser.format_help()
+    for word in ('"messages"', '"images"', "<image>", "<video>", '"videos"', '"start"', '"end"',
+                 '"frames"', '"system"', "/think", "/no_think", '"reasoning"', '"answer"', '"text"',
+                 "Multi-turn"):
+        assert word in text, word
+    for action in parser._actions:
+        if action.option_strings and not action.required and action.dest != "help":
+            assert "default" in (action.help or ""), action.dest
+
+
+def test_progress_lines_are_throttled_with_rate_and_eta(tmp_path):
+    jsonl = _with_bad_media(tmp_path)  # 24 non-empty lines, 21 usable
+    ticks = iter(0.5 * i for i in range(1000))  # a clock that advances 0.5 s per reading
+    logs = []
+    build_shards(jsonl, str(tmp_path / "out"), tiling=TILING, log=logs.append, progress_every=1.0,
+                 clock=lambda: next(ticks))
+    lines = [m for m in logs if "records/s" in m]
+    # a line every 2 records (1 s), none for the last record (the summary follows)
+    assert [int(m.split(": ")[1].split("/")[0]) for m in lines] == list(range(2, 24, 2))
+    assert lines[0] == "build_shards data.jsonl: 2/24 records (8%), 2.0 records/s, ETA 0:00:11"
+    quiet = []
+    build_shards(jsonl, str(tmp_path / "out2"), tiling=TILING, log=quiet.append, progress_every=0)
+    assert not any("records/s" in m for m in quiet)
+
+
+def test_a_recipe_refuses_shards_of_another_tile_size(tmp_path, tokenizer_dir, monkeypatch):
+    from megatron_vlm.training.recipe import RecipeError, check_paths, load_recipe
+
+    jsonl = write_records(str(tmp_path), 4, seed=3)
+    build_shards(jsonl, str(tmp_path / "s32"), tiling=TILING, log=lambda m: None)  # 32 px
+    monkeypatch.chdir(REPO)
+    shards = str(tmp_path / "s32")
+    recipe = load_recipe(os.path.join(REPO, "recipes", "tiny", "base.yaml"),
+                         [f"data.blend=[{{path: {shards}}}]", "data.eval=[]",
+                          f"data.tokenizer={tokenizer_dir}"])
+    assert recipe.data.tile_size == 64
+    with pytest.raises(RecipeError) as err:
+        check_paths(recipe)
+    msg = str(err.value)
+    assert "\n" not in msg and "data.blend[0].path" in msg and shards in msg
+    assert "hold 32 px tiles" in msg and "data.tile_size is 64" in msg
+    recipe.data.tile_size = 32
+    check_paths(recipe)  # agreeing sizes pass
+    recipe.data.eval = recipe.data.blend  # eval sets are checked too
+    recipe.data.tile_size = 48
+    with pytest.raises(RecipeError, match=r"data.blend\[0\].path: .* hold 32 px"):
+        check_paths(recipe)
