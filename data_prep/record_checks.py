@@ -39,6 +39,9 @@ def record_type_problem(record: dict) -> str | None:
                     return f"'{key}[{i}].{field}' is {type(turn[field]).__name__}, expected a string"
             if turn.get("reasoning") is not None and not isinstance(turn["reasoning"], str):
                 return f"'{key}[{i}].reasoning' is not a string"
+    answer = record.get("answer")
+    if answer is not None and not (isinstance(answer, str) or (_strings(answer) and answer)):
+        return "'answer' is not a string or a list of strings"
     images = record.get("images")
     if images is not None and not _strings(images):
         return "'images' is not a list of paths"

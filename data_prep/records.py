@@ -201,7 +201,7 @@ def build_sample(record: dict, line: int, base_dir: str, options: BuildOptions) 
                 entries.append({"t": float(t), "tile": name})
             media.append({"type": "video", "source": video.get("source", frames[0]), "frames": entries})
     meta.update(kind="chat", conversation=turns, media=media, tile_size=cfg.tile_size)
-    if isinstance(record.get("answer"), str):  # the reference evaluation scores against
+    if record.get("answer") is not None:  # the reference(s) evaluation scores against
         meta["answer"] = record["answer"]
     try:
         validate_metadata(meta)
@@ -247,6 +247,13 @@ def _encoded_video(video, media_index: int, base: str, options: BuildOptions) ->
 
 def _split_placeholders(text: str) -> list[str]:
     return _PLACEHOLDERS.split(text)
+
+
+def tile_record(record: dict, line: int, base_dir: str, tiling: TilingConfig,
+                source_name: str = "") -> tuple[dict, list[tuple[str, bytes]]]:
+    """``build_sample`` with default options: the evaluation's ``record_builder`` (it tiles raw
+    demo records that have no shards exactly as build_shards would)."""
+    return build_sample(record, line, base_dir, BuildOptions(tiling=tiling, source_name=source_name))
 
 
 def sample_members(meta: dict, tile_members: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:

@@ -1,16 +1,18 @@
-"""Evaluate a stage's checkpoint by generation on the held-out demo tasks.
+"""Evaluate a stage's checkpoint by generation: on eval shards of your own, or the demo tasks.
 
     python -m tools.evaluate --recipe recipes/tiny/stage1.yaml --checkpoint runs/tiny/stage1 \\
-        [--tasks ocr chart code ...] [--limit 20] [--out scores.json] [--details preds.json] \\
-        [section.key=value ...]
+        [--tasks ocr chart code ... NAME=SHARD_DIR ...] [--limit 20] [--out scores.json] \\
+        [--details preds.json] [section.key=value ...]
 
 One process, TP=1 / PP=1 (the checkpoint may have been saved at any TP/PP layout: megatron's
 dist_checkpointing reshards the weights on load). Builds the recipe's model, loads the weights of
 the latest checkpoint under ``--checkpoint`` (default: the recipe's ``checkpoint.dir``; a
 checkpoint directory itself is accepted too), and runs the tasks of ``--tasks``, else of the
-recipe's ``eval.tasks``. Data come from the demo directory of the recipe's data paths (the parent
-of ``shards/``; ``--data-root`` to override). Prints one line per task and the scores as JSON, and
-writes them to ``--out`` (a flat {key: number} dict, e.g. ``{"ocr_acc": 0.4, "code_ppl": 9.1}``).
+recipe's ``eval.tasks``. A task is a demo task name or ``[NAME=]DIR``, eval shards of your own
+built by ``build_shards`` (reference: each record's ``answer``, else its last assistant turn;
+scores ``NAME_acc``, exact match, and ``NAME_anls``, ANLS). Demo data come from the demo
+directory of the recipe's data paths (the parent of ``shards/``; ``--data-root`` to override).
+Prints one line per task and the scores as JSON, and writes them to ``--out`` (a flat {key: number} dict, e.g. ``{"ocr_acc": 0.4, "code_ppl": 9.1}``).
 Scoring and data sources: ``megatron_vlm/evaluation/tasks.py``.
 
 Exit status: 0 done, 2 bad recipe / arguments / data.
@@ -48,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="checkpoint root (its latest checkpoint is loaded) or one checkpoint "
                          "directory; default: the recipe's checkpoint.dir")
     ap.add_argument("--tasks", nargs="+", default=None,
-                    help="tasks to run (default: the recipe's eval.tasks)")
+                    help="tasks to run: demo task names (ocr chart table multi_image video text "
+                         "code needle) and/or [NAME=]DIR eval shards of your own "
+                         "(default: the recipe's eval.tasks)")
     ap.add_argument("--limit", type=int, default=20,
                     help="samples per task, the first ones of each eval set (default 20; 0: all)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
@@ -87,6 +91,15 @@ def _saved_recipe(checkpoint, overrides):
         raise RecipeError(f"--recipe is needed: {checkpoint or 'no --checkpoint'} holds no "
                           f"{checkpoint_meta.FILE}")
     return checkpoint_meta.recipe_from(description, overrides)
+
+
+def _record_builder():
+    """The shard builder's record tiling, for demo tasks whose eval shards were not built."""
+    try:
+        from data_prep.records import tile_record
+    except ImportError:  # an installation without the data-preparation tools
+        return None
+    return tile_record
 
 
 def main(argv=None) -> int:
@@ -163,7 +176,7 @@ def main(argv=None) -> int:
                     model, tokenizer, tasks, data_root, tile_size=vision["tile_size"],
                     tokens_per_tile=per_tile, limit=limit, max_new_tokens=max_new,
                     slack=args.slack, log=lambda m: print(m, flush=True),
-                    video=video_options(recipe, train=False))
+                    video=video_options(recipe, train=False), record_builder=_record_builder())
             except EvalDataError as e:
                 print(f"eval data error: {e}", file=sys.stderr)
                 return 2

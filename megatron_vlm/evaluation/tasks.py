@@ -1,9 +1,19 @@
-"""Held-out tasks of the demo corpus, evaluated by greedy generation, and their scores.
+"""Evaluation by greedy generation on held-out data: any eval shards with reference answers,
+and the held-out tasks of the demo corpus as one configuration of it.
 
     samples = load_task_samples("ocr", data_root, encoder, tile_size=64, limit=20)
-    scores, details = evaluate_tasks(model, tokenizer, ["ocr", "code"], data_root,
-                                     tile_size=64, tokens_per_tile=4, limit=20)
-    scores  # {"ocr_acc": 0.45, "code_line_acc": 0.1, "code_ppl": 12.3}
+    scores, details = evaluate_tasks(model, tokenizer, ["ocr", "code", "mine=my_data/shards/eval"],
+                                     data_root, tile_size=64, tokens_per_tile=4, limit=20)
+    scores  # {"ocr_acc": 0.45, "code_line_acc": 0.1, "code_ppl": 12.3, "mine_acc": 0.2, "mine_anls": 0.5}
+
+A task is a demo task name (below) or ``[NAME=]DIR``: eval shards of one's own (built by
+``build_shards``), scored under ``NAME`` (default: the folder name, leaving out ``shards``,
+``train`` and ``eval``; ``my_data/shards/eval`` -> ``my_data``). Every chat sample of the shards is
+a question: the prompt is the conversation up to its last assistant turn, the reference is the
+record's ``answer`` (a string, or a list of accepted strings) kept in the shard, else that last
+assistant turn. Keys: ``NAME_acc`` (exact match after ``normalize``) and ``NAME_anls`` (ANLS:
+mean over samples of the best 1 - normalised Levenshtein distance to a reference, 0 where that
+distance is 0.5 or more; Biten et al., 2019), plus ``NAME_video_tokens`` when it has videos.
 
 Where the samples come from (``data_root`` is the demo directory, the parent of ``shards/``):
 
@@ -12,9 +22,10 @@ Where the samples come from (``data_root`` is the demo directory, the parent of 
   tiles are byte-for-byte the training tiles, normalised by the same function; the prompt is
   ``PromptEncoder.generation_prompt`` (conversation up to the user turn + assistant header + think
   opener). The reference answer is the record's ``answer`` in ``raw/<task>/eval.jsonl`` (joined
-  by sample id), else the sample's last assistant turn. Without shards, the raw records are
-  tiled with the shard builder's own code (``data_prep.records.build_sample``) and the tiling of
-  ``datasets.json``.
+  by sample id), else the shard's ``answer``, else the last assistant turn. Without shards, the
+  raw records are tiled by the caller's ``record_builder`` (``tools/evaluate.py`` passes the
+  shard builder's own code, ``data_prep.records.tile_record``; the library does not import
+  ``data_prep``) with the tiling of ``datasets.json``.
 - code: ``raw/code/eval.jsonl`` (the shards hold the whole chunk but not the split point). The
   prompt is the record's ``prefix`` as a plain document (no chat template, as the code was
   trained); its trailing whitespace is left for the model to generate, so the prompt ends at a
@@ -113,12 +124,54 @@ def code_line_from_continuation(continuation: str, tail: str) -> Optional[str]:
     return continuation[len(tail):].split("\n", 1)[0]
 
 
-SCORERS: dict = {"exact": exact_match, "contains": contains_answer, "code_line": code_line_match}
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions of one character each)."""
+    if len(a) < len(b):
+        a, b = b, a
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, start=1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+ANLS_THRESHOLD = 0.5
+
+
+def anls(prediction: Optional[str], answer: str) -> float:
+    """1 - normalised Levenshtein distance of the normalised strings; 0 at or above the threshold."""
+    if prediction is None:
+        return 0.0
+    a, b = normalize(prediction), normalize(answer)
+    if not a and not b:
+        return 1.0
+    distance = levenshtein(a, b) / max(len(a), len(b))
+    return 1.0 - distance if distance < ANLS_THRESHOLD else 0.0
+
+
+def references(answer) -> list:
+    """A reference answer as a list of accepted strings."""
+    return list(answer) if isinstance(answer, (list, tuple)) else [answer]
+
+
+SCORERS: dict = {"exact": exact_match, "contains": contains_answer, "code_line": code_line_match,
+                 "anls": anls}
 TASK_SCORER = {**{t: "exact" for t in CHAT_TASKS}, "needle": "contains", CODE_TASK: "code_line"}
 
 
 def accuracy(flags: list) -> float:
     return float(sum(bool(f) for f in flags)) / len(flags) if flags else 0.0
+
+
+def mean_score(values: list) -> float:
+    """Mean of per-sample scores (True/False count as 1/0)."""
+    return float(sum(float(v) for v in values)) / len(values) if values else 0.0
+
+
+def score_sample(scorer: str, prediction: Optional[str], answer) -> float:
+    """The best score of ``prediction`` against any of the references."""
+    return max(float(SCORERS[scorer](prediction, ref)) for ref in references(answer))
 
 
 # ---- samples ------------------------------------------------------------------------------------
@@ -127,7 +180,7 @@ class EvalSample:
     task: str
     id: str
     prompt_ids: list
-    answer: str
+    answer: object                      # str, or a list of accepted strings
     ref_tokens: int                     # tokens a correct generation needs (incl. the stop token)
     tiles: Optional[np.ndarray] = None  # uint8 [N, T, T, 3] in <image> token order, or None
     tail: str = ""                      # code: the prompt's stripped trailing whitespace
@@ -179,21 +232,21 @@ def _chat_sample(task: str, sample_id: str, meta: dict, tiles: np.ndarray, answe
     video_tokens = [k for item, k in zip(media, encoded_prompt.media_tokens) if item["type"] == "video"]
     if answer is None:
         answer = _last_assistant(conversation)
-    if answer is None:
+    if answer is None or not references(answer):
         raise EvalDataError(f"{task} sample {sample_id}: no reference answer")
     # What a correct generation produces: the training target of the reference turn.
     turns = list(conversation)
     if not turns or turns[-1]["role"] != "assistant":
-        turns.append({"role": "assistant", "content": answer})
+        turns.append({"role": "assistant", "content": references(answer)[0]})
     full = encoder.encode_chat(turns, media).tokens.tolist()
     ref = len(full) - len(prompt) - 1  # the full sample also ends with a newline after eos
     if ref < 1 or full[: len(prompt)] != prompt:
-        ref = len(encoder.encode_plain(answer)) + 2
+        ref = max(len(encoder.encode_plain(r)) for r in references(answer)) + 2
     return EvalSample(task, sample_id, prompt, answer, ref, tiles if len(tiles) else None,
                       media=media_info, video_tokens=video_tokens)
 
 
-def _chat_from_shards(task: str, shard_dir: Path, encoder: PromptEncoder, tile_size: int,
+def _chat_from_shards(task: str, shard_dir, encoder: PromptEncoder, tile_size: int,
                       limit: Optional[int], answers: dict, video=None) -> list:
     from megatron_vlm.data.loader import resolve_shards
     from megatron_vlm.data.sample_decoder import SampleError, decode_sample
@@ -221,7 +274,7 @@ def _chat_from_shards(task: str, shard_dir: Path, encoder: PromptEncoder, tile_s
             sample_id = str(decoded.meta.get("id", raw.key))
             _set_video_rate(decoded.meta, video)
             samples.append(_chat_sample(task, sample_id, decoded.meta, decoded.tiles,
-                                        answers.get(sample_id), encoder))
+                                        answers.get(sample_id, decoded.meta.get("answer")), encoder))
     return samples
 
 
@@ -233,15 +286,19 @@ def _set_video_rate(meta: dict, video) -> None:
 
 
 def _chat_from_raw(task: str, data_root: Path, encoder: PromptEncoder, tile_size: int,
-                   limit: Optional[int], video=None) -> list:
-    """No shards: tile the raw records with the shard builder's code and the demo's tiling."""
-    from data_prep.records import BuildOptions, RecordError, build_sample
+                   limit: Optional[int], video=None, record_builder=None) -> list:
+    """No shards: tile the raw records with ``record_builder`` (the shard builder's code: a
+    callable ``(record, line, base_dir, tiling, source_name) -> (metadata, [(member, bytes)])``
+    raising ValueError for a record it cannot use) and the demo's tiling."""
     from megatron_vlm.data.image import decode_tile
     from megatron_vlm.data.schema import media_tile_names
     from megatron_vlm.data.tiling import TilingConfig
 
     path = data_root / "raw" / task / "eval.jsonl"
     info_path = data_root / "datasets.json"
+    if record_builder is None:
+        raise EvalDataError(f"task {task!r}: no eval shards under {data_root / 'shards' / task / 'eval'}; "
+                            f"build them from {path} with data_prep.build_shards")
     tiling = None
     if info_path.is_file():
         tiling = TilingConfig.from_dict(json.loads(info_path.read_text())["tiling"])
@@ -251,10 +308,10 @@ def _chat_from_raw(task: str, data_root: Path, encoder: PromptEncoder, tile_size
             break
         if tiling is None and (record.get("images") or record.get("videos")):
             raise EvalDataError(f"{path}: image records need {info_path} (its tiling) or shards")
-        options = BuildOptions(tiling=tiling or TilingConfig(tile_size), source_name=path.name)
         try:
-            meta, members = build_sample(record, line, str(path.parent), options)
-        except RecordError:
+            meta, members = record_builder(record, line, str(path.parent), tiling or TilingConfig(tile_size),
+                                           path.name)
+        except ValueError:  # the builder's errors for unusable records
             continue
         if meta["kind"] != "chat":
             continue
@@ -306,10 +363,12 @@ def _code_samples(data_root: Path, encoder: PromptEncoder, limit: Optional[int])
 
 
 def load_task_samples(task: str, data_root, encoder: PromptEncoder, tile_size: int,
-                      limit: Optional[int] = 20, video=None) -> list:
-    """The first ``limit`` eval samples of ``task`` (see the module docstring for the sources)."""
+                      limit: Optional[int] = 20, video=None, record_builder=None) -> list:
+    """The first ``limit`` eval samples of demo task ``task`` (see the module docstring for the
+    sources; ``record_builder``: see ``_chat_from_raw``)."""
     if task not in KNOWN_TASKS:
-        raise EvalDataError(f"unknown eval task {task!r}; known: {', '.join(KNOWN_TASKS)}")
+        raise EvalDataError(f"unknown eval task {task!r}; known: {', '.join(KNOWN_TASKS)}; or eval "
+                            "shards of your own as [NAME=]DIR")
     data_root = Path(data_root)
     if task == CODE_TASK:
         samples = _code_samples(data_root, encoder, limit)
@@ -319,13 +378,61 @@ def load_task_samples(task: str, data_root, encoder: PromptEncoder, tile_size: i
             samples = _chat_from_shards(task, shard_dir, encoder, tile_size, limit,
                                         _raw_answers(data_root, task), video)
         elif (data_root / "raw" / task / "eval.jsonl").is_file():
-            samples = _chat_from_raw(task, data_root, encoder, tile_size, limit, video)
+            samples = _chat_from_raw(task, data_root, encoder, tile_size, limit, video, record_builder)
         else:
             raise EvalDataError(f"no eval data for task {task!r}: neither {shard_dir} nor "
                                 f"{data_root / 'raw' / task / 'eval.jsonl'} exists")
     if not samples:
         raise EvalDataError(f"task {task!r}: no usable eval sample under {data_root}")
     return samples
+
+
+@dataclass(frozen=True)
+class ShardEvalSet:
+    """Eval shards of one's own: every chat sample is a question with a reference answer."""
+    name: str   # score key prefix
+    path: str   # shard directory (with index.json), manifest or shard spec, as data.eval paths
+
+
+def is_shard_spec(task: str) -> bool:
+    """A task given as ``[NAME=]DIR`` rather than a demo task name."""
+    return "=" in task or "/" in task or "\\" in task or Path(task).is_dir()
+
+
+def shard_eval_set(spec: str) -> ShardEvalSet:
+    """``NAME=DIR`` or ``DIR`` (named after its folder, without shards/train/eval parts)."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        path = spec
+        parts = [p for p in Path(path.split("::")[0]).parts if p not in ("train", "eval", "shards", "/")]
+        name = parts[-1] if parts else "shards"
+    name = "".join(c if c.isalnum() or c in "_-" else "_" for c in name.strip())
+    if not name or not path.strip():
+        raise EvalDataError(f"eval task {spec!r}: expected NAME=DIR or DIR")
+    return ShardEvalSet(name, path.strip())
+
+
+def load_shard_samples(eval_set: ShardEvalSet, encoder: PromptEncoder, tile_size: int,
+                       limit: Optional[int] = 20, video=None) -> list:
+    """The first ``limit`` chat samples of ``eval_set`` (references: the shards' ``answer``, else
+    the last assistant turn)."""
+    if "://" not in eval_set.path and not any(c in eval_set.path for c in "{*:") \
+            and not Path(eval_set.path).exists():
+        raise EvalDataError(f"eval shards {eval_set.name!r}: {eval_set.path} does not exist")
+    try:
+        samples = _chat_from_shards(eval_set.name, eval_set.path, encoder, tile_size, limit, {}, video)
+    except (FileNotFoundError, ValueError) as exc:  # no tars, a foreign manifest
+        if isinstance(exc, EvalDataError):
+            raise
+        raise EvalDataError(f"eval shards {eval_set.name!r}: {exc}") from None
+    if not samples:
+        raise EvalDataError(f"eval shards {eval_set.name!r}: no chat sample in {eval_set.path}")
+    return samples
+
+
+def shard_scorers(name: str) -> dict:
+    """Score key -> scorer of an eval set of one's own."""
+    return {f"{name}_acc": "exact", f"{name}_anls": "anls"}
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -345,14 +452,16 @@ class TaskResult:
 
 
 def run_task(model, tokenizer, samples: list, max_new_tokens: int = 32, slack: int = 4,
-             vocab_limit: Optional[int] = None) -> TaskResult:
-    """Generate for every sample of one task and score them."""
+             vocab_limit: Optional[int] = None, scorers: Optional[dict] = None) -> TaskResult:
+    """Generate for every sample of one task and score them. ``scorers``: score key -> scorer
+    name (``SCORERS``); default: the demo task's key and scorer. The first key also gives each
+    prediction's ``correct``."""
     from megatron_vlm.evaluation.generate import greedy_generate, sequence_nll
 
     start = time.perf_counter()
     task = samples[0].task
     vocab_limit = vocab_limit if vocab_limit is not None else tokenizer.vocab_size
-    scorer = SCORERS[TASK_SCORER[task]]
+    scorers = scorers or {SCORE_KEYS[task][0]: TASK_SCORER[task]}
     stop_ids = {tokenizer.eos_id}
     if task != CODE_TASK:  # a new turn also ends the answer
         for marker in (SYSTEM_MARKER, TURN_MARKER):
@@ -360,7 +469,8 @@ def run_task(model, tokenizer, samples: list, max_new_tokens: int = 32, slack: i
                 stop_ids.add(tokenizer.token_id(marker))
             except KeyError:
                 pass
-    flags, predictions = [], []
+    values: dict = {key: [] for key in scorers}
+    predictions = []
     nll_sum, nll_count = 0.0, 0
     for sample in samples:
         stop_fn = None
@@ -386,41 +496,57 @@ def run_task(model, tokenizer, samples: list, max_new_tokens: int = 32, slack: i
                 nll_sum, nll_count = nll_sum + nll, nll_count + count
         else:
             prediction = chat_answer_text(tokenizer.decode(gen.tokens))
-        correct = scorer(prediction, sample.answer)
-        flags.append(correct)
-        predictions.append({"id": sample.id, "answer": sample.answer, "prediction": prediction,
-                            "correct": bool(correct), "stop": gen.stop_reason,
-                            "new_tokens": len(gen.tokens)})
-    keys = SCORE_KEYS[task]
-    scores = {keys[0]: accuracy(flags)}
+        sample_scores = {key: score_sample(name, prediction, sample.answer) for key, name in scorers.items()}
+        for key, value in sample_scores.items():
+            values[key].append(value)
+        first = next(iter(scorers))
+        entry = {"id": sample.id, "answer": sample.answer, "prediction": prediction,
+                 "correct": sample_scores[first] >= 1.0, "stop": gen.stop_reason,
+                 "new_tokens": len(gen.tokens)}
+        if len(scorers) > 1:
+            entry["scores"] = sample_scores
+        predictions.append(entry)
+    scores = {key: mean_score(v) for key, v in values.items()}
     if task == CODE_TASK and nll_count:
         scores["code_ppl"] = math.exp(min(nll_sum / nll_count, 700.0))
     video_tokens = [k for s in samples for k in s.video_tokens]
     if video_tokens:
-        scores["video_tokens"] = float(np.mean(video_tokens))
+        scores["video_tokens" if task == "video" else f"{task}_video_tokens"] = float(np.mean(video_tokens))
     return TaskResult(task, scores, time.perf_counter() - start, len(samples), predictions)
 
 
 def evaluate_tasks(model, tokenizer, tasks: list, data_root, tile_size: int, tokens_per_tile: int,
                    limit: Optional[int] = 20, max_new_tokens: int = 32, slack: int = 4,
-                   log: Optional[Callable[[str], None]] = None, video=None) -> tuple:
+                   log: Optional[Callable[[str], None]] = None, video=None,
+                   record_builder=None) -> tuple:
     """Scores of every task (one flat dict) and the per-task results (timings, predictions).
 
-    ``video`` (``VideoOptions``, the recipe's ``video`` section): sampling of the video task, which
-    runs at q = 0 and, when ``video.evs_rate`` > 0, again at that rate (``video_evs_*`` keys)."""
+    ``tasks``: demo task names and ``[NAME=]DIR`` eval shards of one's own (module docstring).
+    ``video`` (``VideoOptions``, the recipe's ``video`` section): sampling of videos, which run at
+    q = 0 and, for the demo video task when ``video.evs_rate`` > 0, again at that rate
+    (``video_evs_*`` keys). ``record_builder``: tiles raw demo records where a demo task has no
+    shards (see ``_chat_from_raw``)."""
     import dataclasses
 
     from megatron_vlm.data.video import VideoOptions
 
     encoder = PromptEncoder(tokenizer, tokens_per_tile)
     video = video or VideoOptions()
+    q0 = dataclasses.replace(video, evs_rate=0.0, evs_rate_sampling="fixed")
     scores, results = {}, []
-    runs = [(t, dataclasses.replace(video, evs_rate=0.0, evs_rate_sampling="fixed")) for t in tasks]
+    runs = [(t, q0) for t in tasks]
     if "video" in tasks and video.evs_rate > 0:
         runs.insert(tasks.index("video") + 1, ("video_evs", dataclasses.replace(video, evs_rate_sampling="fixed")))
     for task, task_video in runs:
-        samples = load_task_samples(task.replace("_evs", ""), data_root, encoder, tile_size, limit, task_video)
-        result = run_task(model, tokenizer, samples, max_new_tokens=max_new_tokens, slack=slack)
+        if task not in KNOWN_TASKS and task != "video_evs" and is_shard_spec(task):
+            eval_set = shard_eval_set(task)
+            samples = load_shard_samples(eval_set, encoder, tile_size, limit, task_video)
+            result = run_task(model, tokenizer, samples, max_new_tokens=max_new_tokens, slack=slack,
+                              scorers=shard_scorers(eval_set.name))
+        else:
+            samples = load_task_samples(task.replace("_evs", ""), data_root, encoder, tile_size, limit,
+                                        task_video, record_builder)
+            result = run_task(model, tokenizer, samples, max_new_tokens=max_new_tokens, slack=slack)
         if task == "video_evs":
             result.task = task
             result.scores = {k.replace("video_", "video_evs_"): v for k, v in result.scores.items()}
@@ -428,5 +554,5 @@ def evaluate_tasks(model, tokenizer, tasks: list, data_root, tile_size: int, tok
         results.append(result)
         if log is not None:
             text = " ".join(f"{k}={v:.4g}" for k, v in result.scores.items())
-            log(f"{task}: {text} ({result.num_samples} samples, {result.seconds:.1f}s)")
+            log(f"{result.task}: {text} ({result.num_samples} samples, {result.seconds:.1f}s)")
     return scores, results

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_prep.records import tile_record
 from megatron_vlm.data.image import normalize_tiles
 from megatron_vlm.data.loader import DatasetSpec, PackedVLMLoader
 from megatron_vlm.data.prompt import PromptEncoder
@@ -69,7 +70,7 @@ def test_image_samples_match_the_training_batches(eval_demo_data, tok, enc, task
 
 def test_raw_records_tiled_like_the_shards(eval_demo_data, enc):
     from_shards = load_task_samples("ocr", eval_demo_data, enc, TILE, limit=4)
-    from_raw = _chat_from_raw("ocr", eval_demo_data, enc, TILE, limit=4)
+    from_raw = _chat_from_raw("ocr", eval_demo_data, enc, TILE, limit=4, record_builder=tile_record)
     for a, b in zip(from_shards, from_raw):
         assert (a.id, a.prompt_ids, a.answer, a.ref_tokens) == (b.id, b.prompt_ids, b.answer, b.ref_tokens)
         assert np.array_equal(a.tiles, b.tiles)
