@@ -1,20 +1,8 @@
 """JSONL conversation records -> shard samples (metadata + pre-cut tiles).
 
-Accepted input, one JSON object per line (paths relative to the JSONL file, or to --image-root):
-
-    {"id": "x1", "messages": [{"role": "system", "content": "/no_think"},
-                              {"role": "user", "content": "<image>\\nWhat is written here?"},
-                              {"role": "assistant", "content": "HELLO", "reasoning": "..."}],
-     "images": ["images/x1.png"]}
-    {"id": "v1", "messages": [...a user turn with "<video>"...],
-     "videos": [{"frames": ["clip/f0.png", "clip/f1.png"], "timestamps": [0.0, 0.5]}]}
-    {"id": "v2", "messages": [...a user turn with "<video>"...],
-     "videos": [{"type": "video", "source": "clips/a.mp4", "start": 2.0, "end": 14.5}]}
-    {"id": "doc1", "text": "plain document: loss on every token"}
-
-``conversations`` is accepted for ``messages``, and LLaVA-style turns ``{"from": "human"|"gpt"|
-"system", "value": ...}`` for ``{"role", "content"}``. When a record has images but no ``<image>``
-placeholder, one ``<image>\\n`` per image is put at the start of the first user turn.
+Accepted input: ``JSONL_FORMAT`` below (what ``build_shards --help`` prints): image and video
+conversations, multi-turn, system prompt, the reasoning switch and traces, plain documents, and
+an optional reference ``answer`` that is kept in the sample's metadata for evaluation.
 
 A video given by ``source`` (an encoded file; ``start``/``end`` in seconds optional) is probed once
 (codec, duration, fps, frame count go into the metadata), its sampled frames are test-decoded, and
