@@ -15,7 +15,8 @@ assistant turn. Keys: ``NAME_acc`` (exact match after ``normalize``) and ``NAME_
 mean over samples of the best 1 - normalised Levenshtein distance to a reference, 0 where that
 distance is 0.5 or more; Biten et al., 2019), plus ``NAME_video_tokens`` when it has videos.
 
-Where the samples come from (``data_root`` is the demo directory, the parent of ``shards/``):
+Demo tasks: where the samples come from (``data_root`` is the demo directory, the parent of
+``shards/``):
 
 - chat tasks (ocr, chart, table, multi_image, video, text, needle): the eval *shards*
   ``shards/<task>/eval`` read with the data package's shard reader and sample decoder, so the
@@ -58,7 +59,8 @@ Generation budget: a sample may generate the tokens of its reference target (thi
 answer, end of turn; or the rest of the code line) plus ``slack`` tokens, capped at
 ``max_new_tokens``; samples whose reference needs more than ``max_new_tokens`` (reasoning traces,
 long code lines) get the reference length + slack. A longer output could not be an exact match,
-so the cap changes no exact-match score and keeps untrained stages (which rarely stop) fast.
+so the cap changes no exact-match score and keeps untrained stages (which rarely stop) fast
+(ANLS of an output cut there is that of its first reference + slack tokens).
 Chat generation stops at the end-of-turn token (eos) or at a turn marker; code generation at
 eos or once the line is complete.
 """
@@ -158,10 +160,6 @@ def references(answer) -> list:
 SCORERS: dict = {"exact": exact_match, "contains": contains_answer, "code_line": code_line_match,
                  "anls": anls}
 TASK_SCORER = {**{t: "exact" for t in CHAT_TASKS}, "needle": "contains", CODE_TASK: "code_line"}
-
-
-def accuracy(flags: list) -> float:
-    return float(sum(bool(f) for f in flags)) / len(flags) if flags else 0.0
 
 
 def mean_score(values: list) -> float:
