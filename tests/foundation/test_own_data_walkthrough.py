@@ -127,12 +127,19 @@ def test_readme_data_steps_and_validation(prepared):
     assert json.loads(outputs[1].strip().splitlines()[-1])["num_samples"] == 11
     # inspect: the README's clip and all images are there
     assert "samples: 11" in outputs[3] and "media: image=9, video=1" in outputs[3], outputs[3]
-    # a recipe reading them at another tile size is refused in one line, naming both sizes
-    validate = next(c for c in cmds if "--validate-only" in c)
-    proc = run(validate, root, ["data.tile_size=128"])
-    assert proc.returncode == 2, proc.stderr
-    line = proc.stderr.strip()
-    assert "\n" not in line and "my_data/shards/train" in line, line
+
+def test_readme_recipe_refuses_shards_of_another_tile_size(prepared, monkeypatch):
+    """What ``--validate-only data.tile_size=128`` would say (checked in-process: one process
+    start less), in one line naming the folder and both sizes."""
+    from megatron_vlm.training.recipe import RecipeError, check_paths, load_recipe
+
+    root = prepared[0]
+    monkeypatch.chdir(root)
+    recipe = load_recipe(root / "recipes/my_data/sft.yaml", ["data.tile_size=128"])
+    with pytest.raises(RecipeError) as err:
+        check_paths(recipe)
+    line = str(err.value)
+    assert "\n" not in line and "data.blend[0].path: shards in my_data/shards/train" in line, line
     assert "hold 64 px tiles" in line and "data.tile_size is 128" in line, line
 
 
