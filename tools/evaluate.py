@@ -12,7 +12,8 @@ recipe's ``eval.tasks``. A task is a demo task name or ``[NAME=]DIR``, eval shar
 built by ``build_shards`` (reference: each record's ``answer``, else its last assistant turn;
 scores ``NAME_acc``, exact match, and ``NAME_anls``, ANLS). Demo data come from the demo
 directory of the recipe's data paths (the parent of ``shards/``; ``--data-root`` to override).
-Prints one line per task and the scores as JSON, and writes them to ``--out`` (a flat {key: number} dict, e.g. ``{"ocr_acc": 0.4, "code_ppl": 9.1}``).
+Prints one line per task and the scores as JSON, and writes them to ``--out`` (a flat
+{key: number} dict, e.g. ``{"ocr_acc": 0.4, "code_ppl": 9.1}``).
 Scoring and data sources: ``megatron_vlm/evaluation/tasks.py``.
 
 Exit status: 0 done, 2 bad recipe / arguments / data.
