@@ -482,7 +482,7 @@ def check_paths(recipe: Recipe) -> None:
                 continue  # URLs and brace/glob shard specs are resolved by the loader
             if not Path(value).expanduser().exists():  # relative to the working directory
                 raise RecipeError(f"{recipe.source}: {key}: path does not exist: {value}")
-            if key.startswith("data."):
+            if key.startswith(("data.blend", "data.eval")):
                 _check_shard_tile_size(recipe, key, Path(value).expanduser())
     check_model_parallel(recipe)
     if recipe.train.precision == "fp8":
