@@ -193,8 +193,11 @@ def streaming_save_strategy(model, sources: HFSources, progress: bool = False):
                                      flatten_state_dict=False)
             planner.views = views
             planner.feed = TensorFeed(sources, params, uses, on_tensor=lambda: bar.update(1))
-            # One thread: the writer resolves the tensors in order, one at a time.
-            writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True,
+            # One thread: the writer resolves the tensors in order, one at a time. One file per
+            # tensor: PyTorch's writer keeps every tensor of a file referenced until the file is
+            # closed (torch 2.13, for its safetensors format), so one file per rank would hold
+            # the whole model.
+            writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False,
                                       thread_count=1)
             try:
                 dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
