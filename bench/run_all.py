@@ -38,6 +38,10 @@ def main() -> int:
             sections.append(Path(tmp.name).read_text())
     args.out.write_text("\n\n".join(sections) + "\n")
     print(f"wrote {args.out}")
+    from bench.plots import write_plots  # the scaling curves, beside the tables they plot
+
+    for png in write_plots(args.out):
+        print(f"wrote {png}")
     if failed:
         print(f"failed: {failed}", file=sys.stderr)
     return 1 if failed else 0
