@@ -97,17 +97,14 @@ def _normalised(value):
 
 
 def config_differences(ours, saved, where: str = "") -> list:
-    """``field: recipe X, checkpoint Y`` for every leaf that differs (dotted field paths)."""
+    """``field: recipe X, checkpoint Y`` for every leaf that differs (dotted field paths).
+
+    Only fields both have are compared: a field added to (or removed from) the model config by a
+    later version of the code must not make older checkpoints unusable."""
     if isinstance(ours, dict) and isinstance(saved, dict):
         out = []
-        for key in sorted(set(ours) | set(saved), key=str):
-            name = f"{where}.{key}" if where else str(key)
-            if key not in saved:
-                out.append(f"{name}: recipe {ours[key]!r}, checkpoint has none")
-            elif key not in ours:
-                out.append(f"{name}: recipe has none, checkpoint {saved[key]!r}")
-            else:
-                out += config_differences(ours[key], saved[key], name)
+        for key in sorted(set(ours) & set(saved), key=str):
+            out += config_differences(ours[key], saved[key], f"{where}.{key}" if where else str(key))
         return out
     return [] if ours == saved else [f"{where or 'model config'}: recipe {ours!r}, "
                                      f"checkpoint {saved!r}"]
