@@ -23,7 +23,8 @@ def main() -> int:
     args = ap.parse_args()
     sections = [f"# megatron-vlm benchmarks\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}, "
                 f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                f"{torch.get_num_threads()} threads\n"]
+                f"{torch.get_num_threads()} threads\n\nPlots of the scaling curves: "
+                "`scaling_llm.png`, `scaling_vs_hf.png` (bench/plots.py).\n"]
     failed = []
     for script in sorted(HERE.glob("bench_*.py")):
         if args.only and script.stem not in args.only:
