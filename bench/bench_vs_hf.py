@@ -7,7 +7,12 @@ Two comparisons of the tiny Nemotron-H (fp32, CPU, batch 1):
    both with ``torch.optim.AdamW``; the first step's losses are checked equal;
 2. greedy generation, 512-token prompt + 64 new tokens: ours with the decode state
    (``megatron_vlm.evaluation.generate.greedy_generate``) vs ``generate(use_cache=True)``;
-   the generated tokens are checked equal.
+   the generated tokens are checked equal;
+3. the tiny VLM's training step at ``--vlm-lengths`` (default 1K / 4K; half the tokens are image
+   tokens: 128 px tiles, 16 tokens each; RADIO's training-time CPE crop off): ours
+   (``NemotronVLModel``) vs its export loaded as
+   ``transformers``' ``nemotron_h_omni`` (``AutoModelForImageTextToText``), same weights through
+   the converter; first-step losses checked equal.
 
 Timing: after warm-up, A, B, A, B, ... (``--repeats`` pairs); the table gives each side's median,
 the ratio of medians (ours / transformers, in tokens/s) and the spread (the lowest and highest
@@ -51,6 +56,88 @@ def build_pair(max_len: int):
     missing, unexpected = ours.load_state_dict(hf_to_megatron(hf.state_dict(), cfg), strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing)
     return cfg, ours, hf
+
+
+def build_vlm_pair(max_len: int, workdir: Path):
+    """The tiny VLM, ours and exported to a ``nemotron_h_omni`` directory and loaded back."""
+    from transformers import AutoModelForImageTextToText
+
+    from megatron_vlm.conversion import hf as convert
+    from megatron_vlm.models.config import load_model_config
+    from megatron_vlm.models.vlm import build_vlm, load_vlm_config
+
+    cfg = load_vlm_config(str(Path(__file__).resolve().parents[1] / "recipes/models/vlm_tiny.yaml"))
+    cfg["language_model"] = load_model_config(dict(
+        cfg["language_model"], mamba_dt_clamp_min=0.001, max_sequence_length=max_len))
+    # Megatron-LM RADIO's random position-embedding crop in training has no transformers
+    # counterpart: off, so both sides do the same work and the first-step losses compare.
+    cfg["vision_model"]["cpe_train_crop"] = False
+    vocab = cfg["language_model"]["vocab_size"]
+    ids = {"vocab_size": vocab, "eos_id": 2, "pad_id": 0, "bos_id": None, "image_id": 5,
+           "img_start_id": 6, "img_end_id": 7}
+    torch.manual_seed(0)
+    ours = build_vlm(cfg, image_token_id=ids["image_id"], img_end_token_id=ids["img_end_id"],
+                     impl="local", use_cpu_initialization=True, params_dtype=torch.float32)
+    state = convert.full_state(ours)
+    convert.export_hf(state.__getitem__, {k: (v.shape, v.dtype) for k, v in state.items()}, cfg,
+                      "vlm", workdir, ids)
+    theirs = AutoModelForImageTextToText.from_pretrained(str(workdir), attn_implementation="sdpa",
+                                                         dtype=torch.float32)
+    return cfg, ids, ours, theirs
+
+
+def vlm_batch(cfg: dict, ids: dict, length: int, tile: int = 128):
+    """[1, length] ids, half of them the placeholders of 128 px tiles, and those tiles."""
+    from megatron_vlm.conversion.verify import packed_patches, tokens_per_tile
+
+    g = torch.Generator().manual_seed(length)
+    per_tile = tokens_per_tile(cfg, tile)
+    n = max(1, length // 2 // (per_tile + 2))
+    text = torch.randint(8, ids["vocab_size"], (1, length), generator=g)
+    for i in range(n):
+        at = 1 + i * (per_tile + 2)
+        text[0, at] = ids["img_start_id"]
+        text[0, at + 1:at + 1 + per_tile] = ids["image_id"]
+        text[0, at + 1 + per_tile] = ids["img_end_id"]
+    tiles = torch.randn(n, 3, tile, tile, generator=g)
+    pixels, grid = packed_patches(tiles, cfg["vision_model"]["patch_size"])
+    return text, tiles, pixels, grid
+
+
+def bench_train_vlm(ours, theirs, cfg, ids, lengths, repeats):
+    opt_a = torch.optim.AdamW(ours.parameters(), lr=1e-5)
+    opt_b = torch.optim.AdamW(theirs.parameters(), lr=1e-5)
+    ours.train(), theirs.train()
+    rows = []
+    for L in lengths:
+        text, tiles, pixels, grid = vlm_batch(cfg, ids, L)
+        labels = torch.roll(text, -1, dims=1)
+
+        def loss_ours():
+            return ours(text, tiles=tiles, labels=labels)[:, :-1].mean()
+
+        def loss_hf():
+            return theirs(input_ids=text, pixel_values=pixels, image_grid_hw=grid, labels=text,
+                          use_cache=False).loss
+
+        def step(loss_fn, opt):
+            def run():
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn()
+                loss.backward()
+                opt.step()
+                return loss.item()
+            return run
+
+        with torch.no_grad():
+            diff = abs(loss_ours().item() - loss_hf().item())
+        ta, tb = interleaved(step(loss_ours, opt_a), step(loss_hf, opt_b), repeats)
+        row = (L, diff) + summary(L, ta, tb)
+        rows.append(row)
+        print(f"train VLM L={L}: ours {row[2]:,.0f} tok/s, transformers {row[3]:,.0f} tok/s, "
+              f"ratio {row[4]:.2f} [{row[5]:.2f}, {row[6]:.2f}], |loss diff| {row[1]:.1e}",
+              flush=True)
+    return rows
 
 
 CLOCK = time.perf_counter  # main() picks time.process_time unless --wall-time
@@ -148,6 +235,8 @@ def main():
                          "load on a shared machine distorts far less)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--vlm-lengths", type=int, nargs="*", default=[1024, 4096],
+                    help="VLM training-step lengths (none: skip the VLM rows)")
     args = ap.parse_args()
     global CLOCK
     args.cpu_time = not args.wall_time
@@ -162,12 +251,19 @@ def main():
     gen = None if args.skip_generate else bench_generate(ours, hf, cfg, args.prompt,
                                                          args.new_tokens, args.repeats)
     train = bench_train(ours, hf, cfg, args.lengths, args.repeats)
+    train_vlm = []
+    if args.vlm_lengths:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            vcfg, ids, vours, vhf = build_vlm_pair(max(args.vlm_lengths), Path(tmp))
+            train_vlm = bench_train_vlm(vours, vhf, vcfg, ids, args.vlm_lengths, args.repeats)
     destroy_distributed()
 
     k = lambda L: f"{L // 1024}K" if L % 1024 == 0 else str(L)  # noqa: E731
     lines = [
         "## Ours vs transformers (bench_vs_hf)", "",
-        f"Tiny Nemotron-H, same weights, fp32, batch 1, {torch.get_num_threads()} CPU threads, "
+        f"Tiny Nemotron-H (and the tiny VLM), same weights, fp32, batch 1, {torch.get_num_threads()} CPU threads, "
         f"{'CPU-seconds of the process' if args.cpu_time else 'wall time'}; "
         "interleaved A, B, A, B after one warm-up pair; ratio = ours / transformers tokens/s "
         "(ratio of medians), spread = lowest and highest per-pair ratio.", "",
@@ -177,6 +273,10 @@ def main():
     for L, diff, a, b, r, lo, hi in train:
         lines.append(f"| training step {k(L)} (fwd+bwd+AdamW) | {a:,.0f} | {b:,.0f} | {r:.2f}x | "
                      f"{lo:.2f}-{hi:.2f} | first-step loss diff {diff:.1e} |")
+    for L, diff, a, b, r, lo, hi in train_vlm:
+        lines.append(f"| training step {k(L)} VLM (half image tokens, 128 px tiles; vs "
+                     f"nemotron_h_omni) | {a:,.0f} | {b:,.0f} | {r:.2f}x | {lo:.2f}-{hi:.2f} | "
+                     f"first-step loss diff {diff:.1e} |")
     if gen:
         p, n, same, a, b, r, lo, hi = gen
         lines.append(f"| greedy generation, {p}-token prompt + {n} new (ours: decode state; "

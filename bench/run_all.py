@@ -23,7 +23,8 @@ def main() -> int:
     args = ap.parse_args()
     sections = [f"# megatron-vlm benchmarks\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}, "
                 f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                f"{torch.get_num_threads()} threads\n"]
+                f"{torch.get_num_threads()} threads\n\nPlots of the scaling curves: "
+                "`scaling_llm.png`, `scaling_vs_hf.png` (bench/plots.py).\n"]
     failed = []
     for script in sorted(HERE.glob("bench_*.py")):
         if args.only and script.stem not in args.only:
@@ -38,6 +39,10 @@ def main() -> int:
             sections.append(Path(tmp.name).read_text())
     args.out.write_text("\n\n".join(sections) + "\n")
     print(f"wrote {args.out}")
+    from bench.plots import write_plots  # the scaling curves, beside the tables they plot
+
+    for png in write_plots(args.out):
+        print(f"wrote {png}")
     if failed:
         print(f"failed: {failed}", file=sys.stderr)
     return 1 if failed else 0

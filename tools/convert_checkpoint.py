@@ -19,9 +19,11 @@ Each directory gets the safetensors (+ index when sharded), ``config.json``,
 
 ``import`` reads an HF directory (our exports, the released Nemotron Nano V2 VL names, the
 released NemotronH LLM alone, a RADIO tower alone), checks every tensor's name and shape against
-the recipe's model before loading anything, copies it in tensor by tensor and saves a checkpoint
-at step 0 (``latest``, ``meta.json``, ``description.json``). Parts the directory lacks keep the
-recipe's fresh initialisation.
+the recipe's model before loading anything, and writes a checkpoint at step 0 (``latest``,
+``meta.json``, ``description.json``) tensor by tensor: the model is built on the meta device and
+each tensor is mapped from the safetensors when the writer reaches it (``stream_import``), so
+memory holds a few tensors, not the model. Parts the directories lack keep the recipe's fresh
+initialisation.
 
 ``verify`` runs our model (from the checkpoint) and the HF model (from the directory) on the
 same random tokens and tiles, prints the max |logit difference| and exits 1 above ``--tol``.
@@ -161,8 +163,12 @@ def _single_process():
 
 
 def import_(args) -> Path:
-    from megatron_vlm.conversion import hf
+    from megatron_vlm.conversion import hf, stream_import
+    from megatron_vlm.models.vlm import load_vlm_config
+    from megatron_vlm.training import checkpoint_meta
     from megatron_vlm.training.checkpoint import mark_finished, save_checkpoint
+    from megatron_vlm.training.data_setup import load_tokenizer
+    from megatron_vlm.training.model_setup import _DTYPES
     from megatron_vlm.training.recipe import load_recipe
 
     hf_dirs = [Path(d) for d in args.hf]
@@ -170,28 +176,32 @@ def import_(args) -> Path:
         if not hf_dir.is_dir():
             raise ConvertError(f"--hf {hf_dir}: no such directory")
     recipe = load_recipe(args.recipe, args.overrides)
-    _single_process()
-    from megatron_vlm.training.model_setup import build_model_chunks
-
-    chunks, _, model_cfg = build_model_chunks(recipe)
-    vlm_cfg = model_cfg["vlm"]
+    vlm_cfg = load_vlm_config(recipe.model.config)
     for hf_dir in hf_dirs:
         _check_hf_config(hf_dir, vlm_cfg)
-    layouts = []
-    for hf_dir in hf_dirs:  # each fills its part (e.g. the released LLM, then the RADIO tower)
-        layouts.append(hf.import_into(hf.unwrap(chunks[0]), hf_dir, vlm_cfg,
-                                      progress=not args.quiet))
-        print(f"imported {hf_dir} ({layouts[-1]} layout)")
-    sources = [str(d.resolve()) for d in hf_dirs]
-    path = save_checkpoint(args.out, 0, chunks,
+    tokenizer = load_tokenizer(recipe)
+    if tokenizer.vocab_size > vlm_cfg["language_model"]["vocab_size"]:
+        raise ConvertError(f"{recipe.source}: data.tokenizer has {tokenizer.vocab_size} tokens but "
+                           f"the model's vocab_size is {vlm_cfg['language_model']['vocab_size']}")
+    _single_process()
+    # The model's structure on the meta device; the tensors come from the HF files while the
+    # checkpoint is written (stream_import): the model is never held in memory.
+    dtype = _DTYPES[recipe.train.precision]
+    model = stream_import.build_meta_model(vlm_cfg, tokenizer.image_id, tokenizer.img_end_id, dtype)
+    shapes = {k: (v.shape, v.dtype) for k, v in hf.full_state(model).items()}
+    sources = stream_import.HFSources(hf_dirs, vlm_cfg, shapes)  # names + shapes checked here
+    fresh = stream_import.fresh_parts(shapes, sources.filled())
+    stream_import.materialise_parts(model, vlm_cfg, fresh, dtype)
+    for hf_dir, layout in zip(hf_dirs, sources.layouts):
+        print(f"importing {hf_dir} ({layout} layout)")
+    checkpoint_meta.register(recipe, vlm_cfg, tokenizer)
+    names = [str(d.resolve()) for d in hf_dirs]
+    strategy = stream_import.streaming_save_strategy(model, sources, progress=not args.quiet)
+    path = save_checkpoint(args.out, 0, [model], sharded_strategy=strategy,
                            meta={"recipe": recipe.name, "layout": "tp=1 pp=1",
-                                 "imported_from": sources, "hf_layout": layouts})
+                                 "imported_from": names, "hf_layout": sources.layouts})
     # A finished "stage" as far as checkpoint.init_from is concerned.
-    mark_finished(args.out, {"stage": "imported", "steps": 0, "imported_from": sources})
-    parts = {"vlm": {"language model", "vision tower", "connector"}, "llm": {"language model"},
-             "vision": {"vision tower"}}
-    filled = set().union(*(parts.get(l, parts["vlm"]) for l in layouts))
-    fresh = sorted(parts["vlm"] - filled)
+    mark_finished(args.out, {"stage": "imported", "steps": 0, "imported_from": names})
     if fresh:
         print(f"note: the {', '.join(fresh)} keep(s) the recipe's fresh initialisation")
     print(f"saved {path}")

@@ -103,11 +103,13 @@ class ShardedSafetensorsWriter:
 
 
 class SafetensorsDirReader:
-    """Lazy reader of an HF directory's (sharded) safetensors: ``keys()``, ``shapes()``, ``read``."""
+    """Lazy reader of an HF directory's (sharded) safetensors: ``keys()``, ``shapes()``, ``read``.
+
+    Tensors are read with plain file reads at their byte ranges, not through a memory map: a
+    mapped file's pages stay in the process's resident memory once touched, so reading a whole
+    model through ``safe_open`` would cost the model's size even though each tensor is dropped."""
 
     def __init__(self, directory):
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise FileNotFoundError(f"{self.directory}: no such directory")
@@ -121,28 +123,60 @@ class SafetensorsDirReader:
             files = ["model.safetensors"]
         else:
             raise FileNotFoundError(f"{self.directory}: no model.safetensors or {INDEX}")
-        self._files = {}
+        self._where: Dict[str, Tuple[Path, int, int]] = {}
         self._shapes = {}
         for name in files:
-            if not (self.directory / name).is_file():
+            path = self.directory / name
+            if not path.is_file():
                 raise FileNotFoundError(f"{index}: names {name}, which is missing")
-            handle = safe_open(str(self.directory / name), framework="pt")
-            for key in handle.keys():
-                self._files[key] = handle
-                sl = handle.get_slice(key)
-                self._shapes[key] = (torch.Size(sl.get_shape()), _from_st_dtype(sl.get_dtype()))
+            for key, (shape, dtype, start, end) in _read_header(path).items():
+                self._where[key] = (path, start, end)
+                self._shapes[key] = (torch.Size(shape), dtype)
 
     def keys(self) -> Iterable[str]:
-        return list(self._files)
+        return list(self._where)
 
     def shapes(self):
         return dict(self._shapes)
 
     def read(self, key: str) -> torch.Tensor:
-        return self._files[key].get_tensor(key)
+        path, start, end = self._where[key]
+        shape, dtype = self._shapes[key]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(end - start)
+        with open(path, "rb") as f:
+            f.seek(start)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"{path}: {key} is cut short (file truncated?)")
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def read_all(self) -> Dict[str, torch.Tensor]:
-        return {k: self.read(k) for k in self._files}
+        return {k: self.read(k) for k in self._where}
+
+
+def _read_header(path: Path) -> Dict[str, tuple]:
+    """name -> (shape, dtype, first byte, end byte) of a safetensors file (absolute offsets)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: not a safetensors file (header: {e})") from None
+    size = path.stat().st_size
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = (8 + n + int(o) for o in info["data_offsets"])
+        dtype = _from_st_dtype(info["dtype"])
+        if end > size or end - start != nbytes(info["shape"], dtype):
+            raise ValueError(f"{path}: {key}'s byte range does not fit its shape or the file")
+        out[key] = (info["shape"], dtype, start, end)
+    return out
 
 
 def _from_st_dtype(name: str) -> torch.dtype:

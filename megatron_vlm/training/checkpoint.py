@@ -387,11 +387,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def save_checkpoint(root, step: int, model_chunks: list, optimizer=None, scheduler=None,
                     loader_state: Optional[dict] = None, meta: Optional[dict] = None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, sharded_strategy=None) -> Path:
     """Save everything needed to resume at ``step``; every rank must call this.
 
     ``loader_state`` is this data-parallel rank's loader position (the same on its TP/PP peers).
-    ``keep``: newest checkpoints kept (0 keeps all).
+    ``keep``: newest checkpoints kept (0 keeps all). ``sharded_strategy``: megatron's save
+    strategy (default: its torch_dist one; the HF import streams with its own).
     """
     from megatron.core import dist_checkpointing, parallel_state
 
@@ -406,7 +407,7 @@ def save_checkpoint(root, step: int, model_chunks: list, optimizer=None, schedul
     state = model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_optimizer_metadata())
-    dist_checkpointing.save(state, str(tmp))
+    dist_checkpointing.save(state, str(tmp), sharded_strategy)
     (tmp / "ranks").mkdir(exist_ok=True)
     torch.save({"rng": _rng_state()}, tmp / "ranks" / f"rank{_rank():05d}.pt")
     if loader_state is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \

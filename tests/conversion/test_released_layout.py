@@ -202,3 +202,40 @@ def test_cli_imports_released_llm_and_radio_into_one_checkpoint(written, tmp_pat
                        llm["backbone.layers.1.mixer.up_proj.weight"])
     assert torch.equal(reader.read("vision_model.decoder.layers.1.mlp.linear_fc2.weight"),
                        radio["radio_model.model.blocks.1.mlp.fc2.weight"])
+
+
+def test_streaming_import_holds_a_few_tensors_and_writes_the_released_ones(
+        single_process_megatron, written, ours_cfg, tmp_path, monkeypatch):
+    """The import's model stays on the meta device where an HF directory fills it, each rule
+    runs once, at most a few tensors wait in memory, and the checkpoint holds the HF values."""
+    from megatron_vlm.conversion import stream_import as si
+    from megatron_vlm.conversion.dist_reader import DistCheckpointReader
+    from megatron_vlm.training.checkpoint import save_checkpoint
+
+    llm_dir, llm = written["llm"]
+    model = si.build_meta_model(ours_cfg, 7, None, torch.float32)
+    shapes = {k: (v.shape, v.dtype) for k, v in hf.full_state(model).items()}
+    sources = si.HFSources([llm_dir], ours_cfg, shapes)
+    fresh = si.fresh_parts(shapes, sources.filled())
+    assert fresh == ["vision tower", "connector"]
+    si.materialise_parts(model, ours_cfg, fresh, torch.float32)
+    assert all(v.is_meta == k.startswith("language_model.") for k, v in hf.full_state(model).items())
+
+    computed, waiting = [], []
+    real_compute, real_get = si.HFSources.compute, si.TensorFeed.get
+    monkeypatch.setattr(si.HFSources, "compute",
+                        lambda self, key: computed.append(key) or real_compute(self, key))
+    monkeypatch.setattr(si.TensorFeed, "get",
+                        lambda self, key: waiting.append(len(self._cache)) or real_get(self, key))
+    strategy = si.streaming_save_strategy(model, sources)
+    path = save_checkpoint(tmp_path / "ckpt", 0, [model], sharded_strategy=strategy)
+    llm_keys = [k for k in shapes if k.startswith("language_model.")]
+    assert len(computed) == len(llm_keys) and max(waiting) <= 2, (len(computed), max(waiting))
+    reader = DistCheckpointReader(path)
+    assert torch.equal(reader.read("language_model.decoder.layers.0.mixer.in_proj.weight"),
+                       llm["backbone.layers.0.mixer.in_proj.weight"])
+    assert torch.equal(reader.read("language_model.output_layer.weight"), llm["lm_head.weight"])
+    # The fresh parts are initialised (not left empty) and written as they are.
+    fc1 = reader.read("vision_projection.encoder.linear_fc1.weight")
+    assert torch.equal(fc1, model.vision_projection.encoder.linear_fc1.weight.detach())
+    assert 0.001 < fc1.std().item() < 1.0
