@@ -689,12 +689,12 @@ def layout_from_recipe(recipe, gpus: int, **overrides) -> Layout:
 def load_recipe_any(path) -> object:
     """The validated Recipe, or (when this branch's validation does not know a section another
     branch added) the merged raw YAML dict."""
-    from megatron_vlm.training.recipe import RecipeError, _read_yaml, load_recipe
+    from megatron_vlm.training.recipe import RecipeError, load_recipe, read_recipe_yaml
 
     try:
         return load_recipe(path)
     except RecipeError:
-        return _read_yaml(Path(path).resolve())
+        return read_recipe_yaml(path)
 
 
 def recipe_model_path(recipe, repo_root: Path) -> Path:

@@ -64,7 +64,7 @@ def _resolve_checkpoint(path: str) -> Path:
 
 def _describe(source: Path, recipe_path, overrides: list) -> dict:
     """{"vlm_cfg", "ids", "tokenizer_dir", "tile_size"} from --recipe or the checkpoint."""
-    from megatron_vlm.conversion.hf import token_ids
+    from megatron_vlm.data.tokenizer import token_ids
     from megatron_vlm.training import checkpoint_meta
 
     if recipe_path:

@@ -17,11 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from megatron_vlm.training.recipe import load_recipe  # noqa: E402
 from megatron_vlm.distributed import free_port  # noqa: E402

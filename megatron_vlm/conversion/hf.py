@@ -71,12 +71,6 @@ def full_state(model: torch.nn.Module) -> Tensors:
             if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
 
 
-def token_ids(tokenizer) -> dict:
-    """What an export needs of the tokenizer (also stored in self-describing checkpoints)."""
-    return {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-            "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "image_id": tokenizer.image_id}
-
-
 # ---- configs --------------------------------------------------------------------------------
 def _dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
     return None if dtype is None else str(dtype).replace("torch.", "")

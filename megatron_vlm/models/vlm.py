@@ -39,7 +39,6 @@ one TP/PP layout loads at any other.
 """
 
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -50,12 +49,12 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_vlm.media_format import CLIP_MEAN, CLIP_STD
 from megatron_vlm.models.config import load_config_dict, load_model_config
 from megatron_vlm.models.connector import VisionConnector, build_connector
 from megatron_vlm.models.context_parallel import global_cu_seqlens, shard_sequence, shard_tokens
 from megatron_vlm.models.evs import kept_per_frame, retention_mask
 from megatron_vlm.models.llm import build_hybrid_llm
-from megatron_vlm.models.packing import make_packed_seq_params
 from megatron_vlm.models.vision.config import load_radio_config
 from megatron_vlm.models.vision.radio import RadioVisionTower, build_radio_tower
 
@@ -84,8 +83,6 @@ def load_vlm_config(name_or_path: Union[str, Path, dict]) -> dict:
 def normalize_uint8_tiles(tiles: torch.Tensor) -> torch.Tensor:
     """uint8 [N, T, T, 3] (the shards' layout) -> CLIP-normalised float32 [N, 3, T, T], computed
     on the tiles' device: a quarter of the host work and host-to-device bytes of float tiles."""
-    from megatron_vlm.data.image import CLIP_MEAN, CLIP_STD
-
     if tiles.ndim != 4 or tiles.shape[-1] != 3:
         raise ValueError(f"expected uint8 tiles [N, T, T, 3], got {tuple(tiles.shape)}")
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=tiles.device).view(1, 3, 1, 1)
@@ -370,13 +367,6 @@ def build_vlm(
             raise ValueError(f"unknown parts to freeze: {sorted(unknown)}")
         model.freeze(**freeze)
     return model
-
-
-def vlm_forward_step(data_iterator, model: torch.nn.Module):
-    """Kept importable here; the forward step lives in ``megatron_vlm.training.vlm_step``."""
-    from megatron_vlm.training.vlm_step import vlm_forward_step as forward_step
-
-    return forward_step(data_iterator, model)
 
 
 def count_parameters(module: Optional[torch.nn.Module]) -> int:

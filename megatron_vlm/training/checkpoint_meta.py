@@ -20,7 +20,7 @@ _current: Optional[dict] = None
 
 
 def describe(recipe, vlm_cfg: dict, tokenizer) -> dict:
-    from megatron_vlm.conversion.hf import token_ids
+    from megatron_vlm.data.tokenizer import token_ids
 
     tok_path = Path(recipe.data.tokenizer).expanduser()
     return {"format": FORMAT,
@@ -58,13 +58,8 @@ def read(directory) -> Optional[dict]:
 
 def recipe_from(description: dict, overrides: Optional[list] = None):
     """The saved recipe as a ``Recipe`` (validated again), with ``section.key=value`` overrides."""
-    from megatron_vlm.training.recipe import Recipe, _build, _check_values, apply_override
+    from megatron_vlm.training.recipe import recipe_from_dict
 
     raw = dict(description["recipe"])
     source = raw.pop("source", "") or "checkpoint description"
-    for override in overrides or []:
-        apply_override(raw, override, source)
-    recipe = _build(Recipe, raw, "", source)
-    recipe.source = source
-    _check_values(recipe, source)
-    return recipe
+    return recipe_from_dict(raw, source, overrides)

@@ -424,12 +424,22 @@ def check_model_parallel(recipe: Recipe) -> None:
 def load_recipe(path, overrides: Optional[list] = None) -> Recipe:
     """Read, merge, override and type-check a recipe (no file-system or world-size checks)."""
     path = Path(path).resolve()
-    raw = _read_yaml(path)
+    return recipe_from_dict(read_recipe_yaml(path), str(path), overrides)
+
+
+def read_recipe_yaml(path) -> dict:
+    """A recipe file with its ``base`` chain merged, as a dict (not yet validated)."""
+    return _read_yaml(Path(path).resolve())
+
+
+def recipe_from_dict(raw: dict, source: str, overrides: Optional[list] = None) -> Recipe:
+    """Override and type-check a recipe dict; ``source`` names it in errors."""
+    raw = dict(raw)
     for override in overrides or []:
-        apply_override(raw, override, str(path))
-    recipe = _build(Recipe, raw, "", str(path))
-    recipe.source = str(path)
-    _check_values(recipe, str(path))
+        apply_override(raw, override, source)
+    recipe = _build(Recipe, raw, "", source)
+    recipe.source = source
+    _check_values(recipe, source)
     return recipe
 
 
