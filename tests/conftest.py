@@ -7,6 +7,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    """The commands' warning filters (megatron_vlm/known_warnings.py), in pytest's syntax."""
+    from megatron_vlm.known_warnings import pytest_filter_lines
+
+    for line in pytest_filter_lines():
+        config.addinivalue_line("filterwarnings", line)
+
+
 def build_demo_corpus(tmp_path_factory, name: str, *args: str) -> Path:
     """Run `python -m data_prep.make_demo_data` into a fresh temp dir; returns the corpus dir."""
     out = tmp_path_factory.mktemp(name) / "demo_data"

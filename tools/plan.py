@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", category=UserWarning)
+from megatron_vlm.known_warnings import ignore_known_noise
+
+ignore_known_noise()
 
 
 def main(argv=None) -> int:

@@ -152,6 +152,7 @@ def base_config_kwargs(cfg: dict, tp: Optional[int], pp: Optional[int],
         fp16=dtype == torch.float16,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        cuda_graph_scope=[],  # megatron's default "full" is deprecated for [] (same meaning)
         **_FUSIONS_OFF,
     )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from megatron_vlm.distributed import initialize_distributed, read_launch_env
+from megatron_vlm.known_warnings import ignore_known_noise
 from megatron_vlm.platform import device
 from megatron_vlm.data.loader import is_global_state
 from megatron_vlm.training import checkpoint as ckpt
@@ -80,6 +81,7 @@ def run(recipe: Recipe) -> dict:
     p = recipe.parallel
     layout = initialize_distributed(tp=p.tp, pp=p.pp, cp=p.cp, seed=recipe.train.seed)
     run_report.configure_logging(torch.distributed.get_rank())
+    ignore_known_noise()  # in front of the logging's "once" per category again
     run_dir = Path(recipe.checkpoint.dir)
 
     model_chunks, tokenizer, model_cfg = build_model_chunks(recipe)
