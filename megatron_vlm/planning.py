@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from megatron_vlm.models.config import load_config_dict, load_model_config, padded_vocab_size
-from megatron_vlm.models.vision.config import load_radio_config
+from megatron_vlm.data.tiling import tokens_per_tile
+from megatron_vlm.models.config import load_model_config, padded_vocab_size, read_model_yaml
 
 GB = 1e9
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -84,12 +84,13 @@ class ModelShape:
 
     @staticmethod
     def load(name_or_path) -> "ModelShape":
-        cfg = load_config_dict(name_or_path, (), {}, "model")
-        if "language_model" in cfg:
-            return ModelShape(load_model_config(cfg["language_model"]),
-                              load_radio_config(cfg["vision_model"]),
-                              cfg["projector_hidden_size"], cfg.get("downsample_ratio", 0.5))
-        return ModelShape(load_model_config(cfg))
+        if "language_model" in read_model_yaml(name_or_path)[0]:
+            from megatron_vlm.models.vlm import load_vlm_config
+
+            cfg = load_vlm_config(name_or_path)
+            return ModelShape(cfg["language_model"], cfg["vision_model"],
+                              cfg["projector_hidden_size"], cfg["downsample_ratio"])
+        return ModelShape(load_model_config(name_or_path))
 
     # LLM dimensions
     @property
@@ -106,9 +107,7 @@ class ModelShape:
                     kernel=c["mamba_conv_kernel"], chunk=c["mamba_chunk_size"])
 
     def tokens_per_tile(self, tile_size: int) -> int:
-        grid = tile_size // self.vision["patch_size"]
-        merge = round(1 / self.downsample_ratio)
-        return (grid // merge) ** 2
+        return tokens_per_tile(tile_size, self.vision["patch_size"], self.downsample_ratio)
 
 
 # ------------------------------------------------------------------------------------ parameters

@@ -43,23 +43,12 @@ class ConvertError(Exception):
 
 
 def _resolve_checkpoint(path: str) -> Path:
-    root = Path(path)
-    if not root.exists():
-        raise ConvertError(f"--checkpoint {path}: no such directory")
-    from megatron_vlm.training.checkpoint import CheckpointError, checkpoint_problem, latest_checkpoint
+    from megatron_vlm.training.checkpoint import CheckpointError, resolve_checkpoint
 
-    if (root / "meta.json").is_file():  # one step's directory: verify its manifest
-        problem = checkpoint_problem(root)
-        if problem:
-            raise ConvertError(f"--checkpoint {path}: damaged checkpoint: {problem}")
-        return root
     try:
-        found = latest_checkpoint(root)
+        return resolve_checkpoint(path)
     except CheckpointError as e:
-        raise ConvertError(f"--checkpoint {path}: {e}") from None
-    if found is None:
-        raise ConvertError(f"--checkpoint {path}: no complete checkpoint (no latest/meta.json)")
-    return found
+        raise ConvertError(f"--checkpoint {e}") from None
 
 
 def _describe(source: Path, recipe_path, overrides: list) -> dict:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
+from megatron.core.utils import unwrap_model as unwrap  # DDP / Float16Module -> our model
 
 from megatron_vlm.conversion import mapping
 from megatron_vlm.conversion.mapping import Rule
@@ -59,12 +60,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # ---- our model ------------------------------------------------------------------------------
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):  # DDP / Float16Module
-        model = model.module
-    return model
-
-
 def full_state(model: torch.nn.Module) -> Tensors:
     """The model's weights (TP=1 model), ``_extra_state`` dropped, detached (not copied)."""
     return {k: v.detach() for k, v in unwrap(model).state_dict().items()

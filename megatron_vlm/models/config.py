@@ -4,44 +4,68 @@ The YAML is a flat dict of architecture fields (see recipes/models/nemotron_h_12
 keys mirror Megatron-LM's argument names. Parallel sizes and runtime switches (dtype overrides,
 sequence parallelism, init on CPU/meta) are not architecture and come as arguments.
 
-The loading (``load_config_dict``) and the TransformerConfig arguments common to every part
+Each YAML is checked against a dataclass (:class:`LLMConfig` here, ``VisionConfig`` and
+``VLMConfig`` beside their models) like the stage recipes: unknown keys with a did-you-mean, types,
+choices, one line naming the file and key. The loading (``load_config_dict``, which also finds the
+shipped YAMLs of an installed package) and the TransformerConfig arguments common to every part
 (``base_config_kwargs``) also serve the vision tower (``models/vision/config.py``) and the VLM.
 """
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import yaml
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "models"
+from megatron_vlm.typed_config import build as build_typed
 
-_REQUIRED = (
-    "hybrid_override_pattern", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-    "num_query_groups", "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
-    "mamba_num_groups", "vocab_size",
-)
 
-_DEFAULTS = dict(
-    position_embedding_type="none",
-    mamba_conv_kernel=4,
-    mamba_chunk_size=128,
-    mamba_dt_clamp_min=None,
-    normalization="RMSNorm",
-    layernorm_epsilon=1e-5,
-    make_vocab_size_divisible_by=128,
-    untie_embeddings_and_output_weights=True,
-    max_sequence_length=4096,
-    init_method_std=0.02,
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
-    params_dtype="float32",
-)
+class ModelConfigError(ValueError):
+    """A model config is wrong; the message names the file and the key."""
+
+
+@dataclass
+class LLMConfig:
+    """The hybrid LLM's YAML (recipes/models/nemotron_h_*.yaml); names as Megatron-LM's arguments."""
+    hybrid_override_pattern: str     # one letter per layer: M Mamba2, * attention, - MLP
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: Optional[int]  # GQA groups (None: as many as heads)
+    kv_channels: Optional[int]       # head dim (None: hidden / heads)
+    mamba_num_heads: Optional[int]   # None: 2 x hidden / mamba_head_dim
+    mamba_head_dim: int
+    mamba_state_dim: int
+    mamba_num_groups: int
+    vocab_size: int
+    name: str = ""
+    position_embedding_type: str = "none"
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128
+    mamba_dt_clamp_min: Optional[float] = None
+    normalization: str = "RMSNorm"
+    layernorm_epsilon: float = 1e-5
+    make_vocab_size_divisible_by: int = 128
+    untie_embeddings_and_output_weights: bool = True
+    max_sequence_length: int = 4096
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    params_dtype: str = "float32"
+
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+LLM_CHOICES = {
+    "position_embedding_type": ("none",),  # Nemotron-H uses no positional embedding at all
+    "normalization": ("RMSNorm",),
+    "params_dtype": tuple(DTYPES),
+}
 
 # TransformerConfig fields that every part (LLM, vision tower) reads from its YAML by the same name.
 _SHARED_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "layernorm_epsilon",
@@ -68,26 +92,55 @@ def to_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
     return DTYPES[value] if isinstance(value, str) else value
 
 
-def load_config_dict(name_or_path: Union[str, Path, dict], required: Sequence[str],
-                     defaults: Mapping, what: str) -> dict:
-    """Config dict from a recipe name (YAML in ``recipes/models``), a YAML path or a dict (copied).
+def recipes_root() -> Path:
+    """The shipped recipes: the installed package's data (``megatron_vlm/recipes``, see setup.py)
+    or, in a checkout, the repository's ``recipes/``."""
+    here = Path(__file__).resolve()
+    for root in (here.parents[1] / "recipes", here.parents[2] / "recipes"):
+        if (root / "models").is_dir():
+            return root
+    raise ModelConfigError(f"no recipes/models next to {here.parents[1]} (a broken install?)")
 
-    Raises naming ``what`` when a ``required`` key is missing; missing ``defaults`` keys are filled.
-    """
+
+def resolve_model_yaml(name_or_path: Union[str, Path]) -> Path:
+    """The YAML file of a model config: a shipped name (``vlm_tiny``), a path that exists, or a
+    path under ``recipes/`` (as recipes write it) found in the shipped recipes from anywhere."""
+    path = Path(name_or_path).expanduser()
+    if not path.suffix:
+        return recipes_root() / "models" / f"{name_or_path}.yaml"
+    if path.exists() or path.is_absolute() or path.parts[0] != "recipes":
+        return path
+    shipped = recipes_root().joinpath(*path.parts[1:])
+    return shipped if shipped.is_file() else path
+
+
+def read_model_yaml(name_or_path: Union[str, Path, dict]) -> tuple:
+    """(mapping, source) of a model YAML or shipped name; a dict is copied (source "dict")."""
     if isinstance(name_or_path, dict):
-        cfg = dict(name_or_path)
-    else:
-        path = Path(name_or_path)
-        if not path.suffix:
-            path = RECIPES_DIR / f"{name_or_path}.yaml"
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-    missing = [k for k in required if k not in cfg]
-    if missing:
-        raise ValueError(f"{what} config lacks {missing}")
-    for key, value in defaults.items():
-        cfg.setdefault(key, value)
-    return cfg
+        return dict(name_or_path), "dict"
+    path = resolve_model_yaml(name_or_path)
+    if not path.is_file():
+        raise ModelConfigError(f"{path}: model config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ModelConfigError(f"{path}: cannot read: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{path}: a model config must be a mapping of keys")
+    return raw, str(path)
+
+
+def load_config_dict(name_or_path: Union[str, Path, dict], schema, what: str,
+                     choices: Optional[Mapping[str, tuple]] = None) -> dict:
+    """Config dict from a recipe name (YAML in ``recipes/models``), a YAML path or a dict (copied),
+    checked against the dataclass ``schema`` (unknown keys, types, ``choices``), defaults filled
+    in. Errors are one :class:`ModelConfigError` line naming the file (``what`` for a dict) and
+    the key."""
+    raw, source = read_model_yaml(name_or_path)
+    if source == "dict":
+        source = f"{what} config (dict)"
+    checked = build_typed(schema, raw, "", source, ModelConfigError, choices, top=f"{what} config")
+    return dataclasses.asdict(checked)
 
 
 def config_fields(cfg: dict, *names: str) -> dict:
@@ -96,14 +149,9 @@ def config_fields(cfg: dict, *names: str) -> dict:
 
 
 def load_model_config(name_or_path: Union[str, Path, dict]) -> dict:
-    """Model config dict from a YAML path, a recipe name (``nemotron_h_tiny``) or a dict.
-
-    Missing optional keys get their defaults; required keys are checked.
-    """
-    cfg = load_config_dict(name_or_path, _REQUIRED, _DEFAULTS, "model")
-    if cfg["position_embedding_type"] != "none":
-        raise ValueError("Nemotron-H uses no positional embedding (position_embedding_type: none)")
-    return cfg
+    """LLM config dict from a YAML path, a recipe name (``nemotron_h_tiny``) or a dict; checked
+    against :class:`LLMConfig`, defaults filled in."""
+    return load_config_dict(name_or_path, LLMConfig, "LLM", LLM_CHOICES)
 
 
 def num_layers(model_cfg: dict) -> int:

@@ -39,6 +39,7 @@ one TP/PP layout loads at any other.
 """
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -61,8 +62,19 @@ from megatron_vlm.models.vision.radio import RadioVisionTower, build_radio_tower
 # Freezable parts and the attributes (= checkpoint prefixes) that hold them.
 PART_ATTRIBUTES = {"vision": "vision_model", "connector": "vision_projection", "llm": "language_model"}
 
-_VLM_DEFAULTS = dict(downsample_ratio=0.5, projector_norm_eps=1e-5, image_token_id=None, img_end_token_id=None)
-_VLM_REQUIRED = ("language_model", "vision_model", "projector_hidden_size")
+
+
+@dataclass
+class VLMConfig:
+    """The VLM's YAML (recipes/models/vlm_*.yaml): its two parts and the connector."""
+    language_model: Union[str, dict]  # LLM config: a shipped name, a YAML path or inline
+    vision_model: Union[str, dict]    # vision tower config: likewise
+    projector_hidden_size: int
+    name: str = ""
+    downsample_ratio: float = 0.5     # pixel shuffle: 0.5 merges 2 x 2 patches into one token
+    projector_norm_eps: float = 1e-5
+    image_token_id: Optional[int] = None    # set at build from the tokenizer
+    img_end_token_id: Optional[int] = None
 
 
 class ImageTokenMismatch(ValueError):
@@ -74,7 +86,7 @@ def load_vlm_config(name_or_path: Union[str, Path, dict]) -> dict:
 
     Sub-configs may be recipe names, YAML paths or inline dicts.
     """
-    cfg = load_config_dict(name_or_path, _VLM_REQUIRED, _VLM_DEFAULTS, "VLM")
+    cfg = load_config_dict(name_or_path, VLMConfig, "VLM")
     cfg["language_model"] = load_model_config(cfg["language_model"])
     cfg["vision_model"] = load_radio_config(cfg["vision_model"])
     return cfg
@@ -367,8 +379,3 @@ def build_vlm(
             raise ValueError(f"unknown parts to freeze: {sorted(unknown)}")
         model.freeze(**freeze)
     return model
-
-
-def count_parameters(module: Optional[torch.nn.Module]) -> int:
-    """Parameter elements held by this rank (works on the meta device)."""
-    return 0 if module is None else sum(p.numel() for p in module.parameters())

@@ -55,19 +55,17 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _unwrap(chunk):
-    return chunk.module if hasattr(chunk, "module") else chunk
-
-
 def model_sharded_state_dict(model_chunks: list) -> dict:
-    if len(model_chunks) == 1:
-        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
     from megatron.core import parallel_state
+    from megatron.core.utils import unwrap_model
+
+    if len(model_chunks) == 1:
+        return {"model": unwrap_model(model_chunks[0]).sharded_state_dict()}
 
     state = {}
     for i, chunk in enumerate(model_chunks):
         parallel_state.set_virtual_pipeline_model_parallel_rank(i)
-        state[f"model{i}"] = _unwrap(chunk).sharded_state_dict()
+        state[f"model{i}"] = unwrap_model(chunk).sharded_state_dict()
     parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     return state
 
@@ -282,6 +280,24 @@ def latest_checkpoint(root, say: Optional[Callable[[str], None]] = None) -> Opti
     return _newest_good(root, _candidates(root), checkpoint_problem, say)
 
 
+def resolve_checkpoint(path) -> Path:
+    """The checkpoint a user names (converter, evaluation): one ``step_*`` directory, verified
+    against its manifest, or a checkpoint root, whose newest checkpoint that verifies is taken.
+    :class:`CheckpointError` (one line starting with ``path``) when there is none."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory")
+    if (path / "meta.json").is_file():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(f"{path}: damaged checkpoint: {problem}")
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"{path}: no complete checkpoint (no latest/meta.json)")
+    return found
+
+
 def newest_verified(root, say: Callable[[str], None]) -> Optional[Path]:
     """Collective :func:`latest_checkpoint`: the ranks split the reading and agree on the answer
     (for loading weights on every rank, e.g. ``checkpoint.init_from``)."""
@@ -448,6 +464,7 @@ def load_checkpoint(path, model_chunks: list, optimizer=None, scheduler=None,
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from megatron.core.utils import unwrap_model
 
     path = Path(path)
     if verify:
@@ -461,7 +478,7 @@ def load_checkpoint(path, model_chunks: list, optimizer=None, scheduler=None,
     loaded = dist_checkpointing.load(state, str(path), strict=strict_mode)
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
-        _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=strict)
     if optimizer is not None:
         with _keep_adam_step(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
