@@ -48,6 +48,11 @@ KNOWN_NOISE = (
                  r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed\..*",
                  "megatron-core's distributed optimizer reads .grad of its shard views in zero_grad "
                  "(attributed to platform.py, whose CPU mode forwards the access)"),
+    KnownWarning(UserWarning,
+                 r"If you are using transformer_engine as the transformer implementation, the "
+                 r"core_attn is from transformer_engine and may be the fused version\. .*",
+                 "megatron-core's advice on every selective recompute; recompute.mode: selective "
+                 "means recomputing the core attention (recipe.py), the recipe's choice"),
     KnownWarning(FutureWarning,
                  r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
                  r"deprecated\. Please use `torch\.distributed\.(reduce_scatter|all_gather)_single` "
