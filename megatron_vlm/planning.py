@@ -282,7 +282,7 @@ def mamba_activation_bytes(shape: ModelShape, L: Layout, s: int, b: int) -> floa
 
 def attention_activation_bytes(shape: ModelShape, L: Layout, s: int, b: int,
                                s_kv: Optional[int] = None) -> float:
-    c, h, a, t = shape.llm, shape.llm["hidden_size"], L.act_bytes, L.tp
+    c, h, t = shape.llm, shape.llm["hidden_size"], L.tp
     return _attention_bytes(h, c["num_attention_heads"] / t, c["num_query_groups"] / t,
                             c["kv_channels"], L, s, b, s_kv or s, causal=True)
 

@@ -4,8 +4,8 @@ The YAML is a flat dict of architecture fields (see recipes/models/nemotron_h_12
 keys mirror Megatron-LM's argument names. Parallel sizes and runtime switches (dtype overrides,
 sequence parallelism, init on CPU/meta) are not architecture and come as arguments.
 
-Each YAML is checked against a dataclass (:class:`LLMConfig` here, ``VisionConfig`` and
-``VLMConfig`` beside their models) like the stage recipes: unknown keys with a did-you-mean, types,
+Each YAML is checked against a dataclass (:class:`LLMConfig`, :class:`VisionConfig`,
+:class:`VLMConfig`; loading them needs no megatron import) like the stage recipes: unknown keys with a did-you-mean, types,
 choices, one line naming the file and key. The loading (``load_config_dict``, which also finds the
 shipped YAMLs of an installed package) and the TransformerConfig arguments common to every part
 (``base_config_kwargs``) also serve the vision tower (``models/vision/config.py``) and the VLM.
@@ -18,8 +18,6 @@ from typing import Mapping, Optional, Union
 
 import torch
 import yaml
-
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vlm.typed_config import build as build_typed
 
@@ -66,6 +64,48 @@ LLM_CHOICES = {
     "normalization": ("RMSNorm",),
     "params_dtype": tuple(DTYPES),
 }
+
+
+@dataclass
+class VisionConfig:
+    """The RADIO tower's YAML (recipes/models/radio_*.yaml)."""
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    patch_size: int
+    max_img_size: int                # CPE table side in pixels (a multiple of patch_size)
+    class_token_len: int             # cls + register tokens, dropped before the connector
+    name: str = ""
+    num_channels: int = 3
+    layernorm_epsilon: float = 1e-6
+    activation: str = "gelu"
+    add_qkv_bias: bool = True
+    add_bias_linear: bool = True
+    # Random CPE crop in train mode (Megatron's RADIO); eval always uses the interpolated window.
+    cpe_train_crop: bool = True
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    params_dtype: str = "float32"
+
+
+VISION_ACTIVATIONS = ("gelu",)  # mapped to functions in vision/config.py
+VISION_CHOICES = {"activation": VISION_ACTIVATIONS, "params_dtype": tuple(DTYPES)}
+
+
+@dataclass
+class VLMConfig:
+    """The VLM's YAML (recipes/models/vlm_*.yaml): its two parts and the connector."""
+    language_model: Union[str, dict]  # LLM config: a shipped name, a YAML path or inline
+    vision_model: Union[str, dict]    # vision tower config: likewise
+    projector_hidden_size: int
+    name: str = ""
+    downsample_ratio: float = 0.5     # pixel shuffle: 0.5 merges 2 x 2 patches into one token
+    projector_norm_eps: float = 1e-5
+    image_token_id: Optional[int] = None    # set at build from the tokenizer
+    img_end_token_id: Optional[int] = None
+
 
 # TransformerConfig fields that every part (LLM, vision tower) reads from its YAML by the same name.
 _SHARED_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "layernorm_epsilon",
@@ -154,6 +194,29 @@ def load_model_config(name_or_path: Union[str, Path, dict]) -> dict:
     return load_config_dict(name_or_path, LLMConfig, "LLM", LLM_CHOICES)
 
 
+def load_radio_config(name_or_path: Union[str, Path, dict]) -> dict:
+    """Tower config dict from a recipe name (``radio_tiny``), a YAML path or a dict."""
+    cfg = load_config_dict(name_or_path, VisionConfig, "vision tower", VISION_CHOICES)
+    what = cfg["name"] or "vision tower"
+    if cfg["hidden_size"] % cfg["num_attention_heads"]:
+        raise ModelConfigError(f"{what}: hidden_size {cfg['hidden_size']} is not divisible by "
+                               f"num_attention_heads {cfg['num_attention_heads']}")
+    if cfg["max_img_size"] % cfg["patch_size"]:
+        raise ModelConfigError(f"{what}: max_img_size must be a multiple of patch_size")
+    return cfg
+
+
+def load_vlm_config(name_or_path: Union[str, Path, dict]) -> dict:
+    """VLM config dict with its ``language_model`` / ``vision_model`` sub-configs resolved to dicts.
+
+    Sub-configs may be recipe names, YAML paths or inline dicts.
+    """
+    cfg = load_config_dict(name_or_path, VLMConfig, "VLM")
+    cfg["language_model"] = load_model_config(cfg["language_model"])
+    cfg["vision_model"] = load_radio_config(cfg["vision_model"])
+    return cfg
+
+
 def num_layers(model_cfg: dict) -> int:
     return len(model_cfg["hybrid_override_pattern"])
 
@@ -211,13 +274,15 @@ def make_transformer_config(
     pp: Optional[int] = None,
     params_dtype: Optional[Union[str, torch.dtype]] = None,
     **overrides,
-) -> TransformerConfig:
-    """TransformerConfig for the hybrid LLM.
+):
+    """megatron's TransformerConfig for the hybrid LLM.
 
     tp / pp default to megatron's parallel_state when initialised (else 1). ``params_dtype``
     overrides the YAML dtype (e.g. fp32 on CPU). ``overrides`` go straight to TransformerConfig
     (e.g. sequence_parallel=True, use_cpu_initialization=True, perform_initialization=False).
     """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
     cfg = load_model_config(model_cfg)
     kwargs = base_config_kwargs(cfg, tp, pp, params_dtype)
     kwargs["context_parallel_size"] = _context_parallel_size()  # the LLM only, not the ViT

@@ -39,8 +39,6 @@ one TP/PP layout loads at any other.
 """
 
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
@@ -51,12 +49,11 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm.media_format import CLIP_MEAN, CLIP_STD
-from megatron_vlm.models.config import load_config_dict, load_model_config
+from megatron_vlm.models.config import load_vlm_config
 from megatron_vlm.models.connector import VisionConnector, build_connector
 from megatron_vlm.models.context_parallel import global_cu_seqlens, shard_sequence, shard_tokens
 from megatron_vlm.models.evs import kept_per_frame, retention_mask
 from megatron_vlm.models.llm import build_hybrid_llm
-from megatron_vlm.models.vision.config import load_radio_config
 from megatron_vlm.models.vision.radio import RadioVisionTower, build_radio_tower
 
 # Freezable parts and the attributes (= checkpoint prefixes) that hold them.
@@ -64,32 +61,8 @@ PART_ATTRIBUTES = {"vision": "vision_model", "connector": "vision_projection", "
 
 
 
-@dataclass
-class VLMConfig:
-    """The VLM's YAML (recipes/models/vlm_*.yaml): its two parts and the connector."""
-    language_model: Union[str, dict]  # LLM config: a shipped name, a YAML path or inline
-    vision_model: Union[str, dict]    # vision tower config: likewise
-    projector_hidden_size: int
-    name: str = ""
-    downsample_ratio: float = 0.5     # pixel shuffle: 0.5 merges 2 x 2 patches into one token
-    projector_norm_eps: float = 1e-5
-    image_token_id: Optional[int] = None    # set at build from the tokenizer
-    img_end_token_id: Optional[int] = None
-
-
 class ImageTokenMismatch(ValueError):
     """The number of ``<image>`` tokens differs from the number of tile embeddings."""
-
-
-def load_vlm_config(name_or_path: Union[str, Path, dict]) -> dict:
-    """VLM config dict with its ``language_model`` / ``vision_model`` sub-configs resolved to dicts.
-
-    Sub-configs may be recipe names, YAML paths or inline dicts.
-    """
-    cfg = load_config_dict(name_or_path, VLMConfig, "VLM")
-    cfg["language_model"] = load_model_config(cfg["language_model"])
-    cfg["vision_model"] = load_radio_config(cfg["vision_model"])
-    return cfg
 
 
 def normalize_uint8_tiles(tiles: torch.Tensor) -> torch.Tensor:

@@ -346,12 +346,12 @@ def _check_context_parallel(recipe: Recipe, src: str) -> None:
 
 def check_model_parallel(recipe: Recipe) -> None:
     """Parallel sizes against the model's heads (needs the model YAML): one line per problem."""
-    from megatron_vlm.models.context_parallel import check_mamba_cp_sizes
-    from megatron_vlm.models.vlm import load_vlm_config
-
     p = recipe.parallel
     if p.cp == 1:
         return
+    from megatron_vlm.models.config import load_vlm_config
+    from megatron_vlm.models.context_parallel import check_mamba_cp_sizes  # imports megatron
+
     llm = load_vlm_config(recipe.model.config)["language_model"]
     heads, groups = llm["mamba_num_heads"], llm["mamba_num_groups"]
     if heads is None:
@@ -412,8 +412,7 @@ def check_against_world(recipe: Recipe, world_size: int) -> int:
 def check_paths(recipe: Recipe) -> None:
     """Data, tokenizer and model config must exist (the model config valid) before any process
     starts computing."""
-    from megatron_vlm.models.config import ModelConfigError
-    from megatron_vlm.models.vlm import load_vlm_config
+    from megatron_vlm.models.config import ModelConfigError, load_vlm_config
 
     try:  # a shipped config is found from anywhere (recipes/models/... in the installed package)
         load_vlm_config(recipe.model.config)

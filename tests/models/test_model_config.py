@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_vlm.models.config import ModelConfigError, load_model_config, resolve_model_yaml
-from megatron_vlm.models.vision.config import load_radio_config
-from megatron_vlm.models.vlm import load_vlm_config
+from megatron_vlm.models.config import (ModelConfigError, load_model_config, load_radio_config,
+                                        load_vlm_config, resolve_model_yaml)
 from megatron_vlm.training.recipe import RecipeError, check_paths, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,8 +87,7 @@ def test_shipped_configs_found_from_the_installed_package(tmp_path):
                    cwd=REPO, check=True, capture_output=True)
     lib = build / "lib"
     probe = ("import megatron_vlm, sys\n"
-             "from megatron_vlm.models.config import resolve_model_yaml\n"
-             "from megatron_vlm.models.vlm import load_vlm_config\n"
+             "from megatron_vlm.models.config import load_vlm_config, resolve_model_yaml\n"
              "print(megatron_vlm.__file__)\n"
              "print(resolve_model_yaml('recipes/models/vlm_tiny.yaml'))\n"
              "print(resolve_model_yaml('nemotron_h_tiny'))\n"

@@ -5,8 +5,6 @@ switches (dtype override, init on CPU / meta) come as arguments, as for the LLM
 (``megatron_vlm.models.config``).
 """
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -14,50 +12,11 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_vlm.models.config import (DTYPES, ModelConfigError, base_config_kwargs,
-                                        config_fields, load_config_dict)
+from megatron_vlm.models.config import base_config_kwargs, config_fields, load_radio_config
 
-
-@dataclass
-class VisionConfig:
-    """The RADIO tower's YAML (recipes/models/radio_*.yaml)."""
-    hidden_size: int
-    num_layers: int
-    num_attention_heads: int
-    ffn_hidden_size: int
-    patch_size: int
-    max_img_size: int                # CPE table side in pixels (a multiple of patch_size)
-    class_token_len: int             # cls + register tokens, dropped before the connector
-    name: str = ""
-    num_channels: int = 3
-    layernorm_epsilon: float = 1e-6
-    activation: str = "gelu"
-    add_qkv_bias: bool = True
-    add_bias_linear: bool = True
-    # Random CPE crop in train mode (Megatron's RADIO); eval always uses the interpolated window.
-    cpe_train_crop: bool = True
-    init_method_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    params_dtype: str = "float32"
-
-
-# transformers' "gelu" is the exact (erf) GELU, which is also megatron's default F.gelu.
+# The activations models/config.py's VISION_ACTIVATIONS allows. transformers' "gelu" is the exact
+# (erf) GELU, which is also megatron's default F.gelu.
 _ACTIVATIONS = {"gelu": F.gelu}
-
-VISION_CHOICES = {"activation": tuple(_ACTIVATIONS), "params_dtype": tuple(DTYPES)}
-
-
-def load_radio_config(name_or_path: Union[str, Path, dict]) -> dict:
-    """Tower config dict from a recipe name (``radio_tiny``), a YAML path or a dict."""
-    cfg = load_config_dict(name_or_path, VisionConfig, "vision tower", VISION_CHOICES)
-    what = cfg["name"] or "vision tower"
-    if cfg["hidden_size"] % cfg["num_attention_heads"]:
-        raise ModelConfigError(f"{what}: hidden_size {cfg['hidden_size']} is not divisible by "
-                               f"num_attention_heads {cfg['num_attention_heads']}")
-    if cfg["max_img_size"] % cfg["patch_size"]:
-        raise ModelConfigError(f"{what}: max_img_size must be a multiple of patch_size")
-    return cfg
 
 
 def make_vision_transformer_config(
