@@ -130,7 +130,7 @@ def test_library_imports_point_down_the_layers():
                 if not _allowed(seen, module, full):
                     problems.append(f"{where}: {module} ({mine}) imports {full} ({theirs})")
     stale = sorted(k for k in ALLOWED if k[1] != "sys.path" and k not in seen)
-    assert not problems, "imports against the layer order:\n" + "\n".join(problems)
+    assert not problems, "imports against the layer order:\n" + "\n".join(sorted(set(problems)))
     assert not stale, f"ALLOWED entries no longer needed (drop them): {stale}"
 
 
@@ -194,7 +194,7 @@ def test_no_private_names_across_library_modules():
                     isinstance(node.value, ast.Name) and node.value.id in module_aliases:
                 problems.append(f"{path.relative_to(REPO)}:{node.lineno}: {module} uses private "
                                 f"{node.value.id}.{node.attr}")
-    assert not problems, "private names used across modules:\n" + "\n".join(problems)
+    assert not problems, "private names used across modules:\n" + "\n".join(sorted(set(problems)))
 
 
 def test_the_checks_see_a_violation(tmp_path):
