@@ -51,7 +51,11 @@ setup(
     description="Megatron-style training of Nemotron Nano V2 VL-class vision-language models",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_vlm", "megatron_vlm.*", "data_prep", "data_prep.*",
-                                    "tools", "tools.*"]),
+                                    "tools", "tools.*"]) + ["megatron_vlm.recipes"],
+    # The recipes ship inside the package (megatron_vlm/recipes/...) without moving the repo's
+    # recipes/: models.config.recipes_root() finds them there when installed.
+    package_dir={"megatron_vlm.recipes": "recipes"},
+    package_data={"megatron_vlm.recipes": ["models/*.yaml", "tiny/*.yaml", "nano_v2_vl/*.yaml"]},
     install_requires=RUNTIME,
     extras_require={"cpu": CPU, "dev": DEV, "gpu": GPU},
     # The main commands on PATH (each is also `python -m <module>` from a checkout).

@@ -59,7 +59,6 @@ def main() -> int:
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.multiproc import run_multiproc
 
     rows = []

@@ -36,9 +36,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 from data_prep.build_shards import build_shards  # noqa: E402
 from data_prep.demo_tasks import FONT_FILES, WORDS, font  # noqa: E402
 from data_prep.make_demo_data import make_demo_data  # noqa: E402

@@ -16,14 +16,10 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from data_prep.demo_tasks import _video_story, render_clip  # noqa: E402
 from megatron_vlm.data.video import frame_times, plan_frames  # noqa: E402
@@ -80,7 +76,7 @@ def bench_evs(frames_n: int = 32, tile: int = 128, repeats: int = 3) -> list:
 
     from megatron_vlm.data.image import normalize_tiles
     from megatron_vlm.distributed import destroy_distributed, initialize_distributed
-    from megatron_vlm.models.evs import num_kept_tokens, provisional_frame_counts
+    from megatron_vlm.media_format import num_kept_tokens, provisional_frame_counts
     from megatron_vlm.models.packing import make_packed_seq_params
     from megatron_vlm.models.vlm import build_vlm
     from megatron_vlm.platform import setup_platform

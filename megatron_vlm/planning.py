@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from megatron_vlm.models.config import load_config_dict, load_model_config, padded_vocab_size
-from megatron_vlm.models.vision.config import load_radio_config
+from megatron_vlm.data.tiling import tokens_per_tile
+from megatron_vlm.models.config import load_model_config, padded_vocab_size, read_model_yaml
 
 GB = 1e9
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -84,12 +84,13 @@ class ModelShape:
 
     @staticmethod
     def load(name_or_path) -> "ModelShape":
-        cfg = load_config_dict(name_or_path, (), {}, "model")
-        if "language_model" in cfg:
-            return ModelShape(load_model_config(cfg["language_model"]),
-                              load_radio_config(cfg["vision_model"]),
-                              cfg["projector_hidden_size"], cfg.get("downsample_ratio", 0.5))
-        return ModelShape(load_model_config(cfg))
+        if "language_model" in read_model_yaml(name_or_path)[0]:
+            from megatron_vlm.models.vlm import load_vlm_config
+
+            cfg = load_vlm_config(name_or_path)
+            return ModelShape(cfg["language_model"], cfg["vision_model"],
+                              cfg["projector_hidden_size"], cfg["downsample_ratio"])
+        return ModelShape(load_model_config(name_or_path))
 
     # LLM dimensions
     @property
@@ -106,9 +107,7 @@ class ModelShape:
                     kernel=c["mamba_conv_kernel"], chunk=c["mamba_chunk_size"])
 
     def tokens_per_tile(self, tile_size: int) -> int:
-        grid = tile_size // self.vision["patch_size"]
-        merge = round(1 / self.downsample_ratio)
-        return (grid // merge) ** 2
+        return tokens_per_tile(tile_size, self.vision["patch_size"], self.downsample_ratio)
 
 
 # ------------------------------------------------------------------------------------ parameters
@@ -283,7 +282,7 @@ def mamba_activation_bytes(shape: ModelShape, L: Layout, s: int, b: int) -> floa
 
 def attention_activation_bytes(shape: ModelShape, L: Layout, s: int, b: int,
                                s_kv: Optional[int] = None) -> float:
-    c, h, a, t = shape.llm, shape.llm["hidden_size"], L.act_bytes, L.tp
+    c, h, t = shape.llm, shape.llm["hidden_size"], L.tp
     return _attention_bytes(h, c["num_attention_heads"] / t, c["num_query_groups"] / t,
                             c["kv_channels"], L, s, b, s_kv or s, causal=True)
 
@@ -689,12 +688,12 @@ def layout_from_recipe(recipe, gpus: int, **overrides) -> Layout:
 def load_recipe_any(path) -> object:
     """The validated Recipe, or (when this branch's validation does not know a section another
     branch added) the merged raw YAML dict."""
-    from megatron_vlm.training.recipe import RecipeError, _read_yaml, load_recipe
+    from megatron_vlm.training.recipe import RecipeError, load_recipe, read_recipe_yaml
 
     try:
         return load_recipe(path)
     except RecipeError:
-        return _read_yaml(Path(path).resolve())
+        return read_recipe_yaml(path)
 
 
 def recipe_model_path(recipe, repo_root: Path) -> Path:

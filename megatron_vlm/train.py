@@ -20,15 +20,12 @@ parallel layout, schedule, data and steps may change.
 
 import argparse
 import sys
-import warnings
 
-# megatron-core warns at import that TransformerEngine/Apex are absent (expected on CPU) and about
-# its own deprecated calls into torch; neither is actionable for a user of the launcher.
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", message=".*(cuda_graph_scope|non-leaf Tensor).*")
+from megatron_vlm.known_warnings import ignore_known_noise
 
-from megatron_vlm.training.recipe import RecipeError, load_recipe
+ignore_known_noise()  # before megatron-core is imported: it warns at import time
+
+from megatron_vlm.training.recipe import RecipeError, load_recipe  # noqa: E402
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM / wall-time limit, checkpoint saved
 

@@ -12,8 +12,10 @@ def main() -> int:
     target, tmp = sys.argv[1], Path(sys.argv[2])
     rank = int(os.environ.get("RANK", 0))
     try:
+        from megatron_vlm.known_warnings import ignore_known_noise
         from megatron_vlm.platform import setup_platform
 
+        ignore_known_noise()
         setup_platform()
         module_name, func_name = target.split(":")
         func = getattr(importlib.import_module(module_name), func_name)

@@ -4,7 +4,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def megatron_single():
+    """One process, TP = PP = 1: the gloo world and megatron's parallel state that building
+    megatron's layers needs, for in-process tests of every package."""
+    from megatron_vlm.distributed import destroy_distributed, initialize_distributed
+
+    initialize_distributed(tp=1, pp=1)
+    yield
+    destroy_distributed()
+
+
+def pytest_configure(config):
+    """The commands' warning filters (megatron_vlm/known_warnings.py), in pytest's syntax."""
+    from megatron_vlm.known_warnings import pytest_filter_lines
+
+    for line in pytest_filter_lines():
+        config.addinivalue_line("filterwarnings", line)
 
 
 def build_demo_corpus(tmp_path_factory, name: str, *args: str) -> Path:

@@ -36,8 +36,7 @@ def run_multiproc(target: str, nproc: int = 2, timeout: float = 600, env: dict |
                "-m", "tests._multiproc_entry", target, tmp]
         full_env = dict(os.environ)
         full_env.update({"PYTHONPATH": str(REPO_ROOT) + os.pathsep + full_env.get("PYTHONPATH", ""),
-                         "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                         "PYTHONWARNINGS": "ignore"})
+                         "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
         full_env.update(env or {})
         try:
             proc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,

@@ -45,28 +45,17 @@ class ConvertError(Exception):
 
 
 def _resolve_checkpoint(path: str) -> Path:
-    root = Path(path)
-    if not root.exists():
-        raise ConvertError(f"--checkpoint {path}: no such directory")
-    from megatron_vlm.training.checkpoint import CheckpointError, checkpoint_problem, latest_checkpoint
+    from megatron_vlm.training.checkpoint import CheckpointError, resolve_checkpoint
 
-    if (root / "meta.json").is_file():  # one step's directory: verify its manifest
-        problem = checkpoint_problem(root)
-        if problem:
-            raise ConvertError(f"--checkpoint {path}: damaged checkpoint: {problem}")
-        return root
     try:
-        found = latest_checkpoint(root)
+        return resolve_checkpoint(path)
     except CheckpointError as e:
-        raise ConvertError(f"--checkpoint {path}: {e}") from None
-    if found is None:
-        raise ConvertError(f"--checkpoint {path}: no complete checkpoint (no latest/meta.json)")
-    return found
+        raise ConvertError(f"--checkpoint {e}") from None
 
 
 def _describe(source: Path, recipe_path, overrides: list) -> dict:
     """{"vlm_cfg", "ids", "tokenizer_dir", "tile_size"} from --recipe or the checkpoint."""
-    from megatron_vlm.conversion.hf import token_ids
+    from megatron_vlm.data.tokenizer import token_ids
     from megatron_vlm.training import checkpoint_meta
 
     if recipe_path:
@@ -168,7 +157,7 @@ def import_(args) -> Path:
     from megatron_vlm.training import checkpoint_meta
     from megatron_vlm.training.checkpoint import mark_finished, save_checkpoint
     from megatron_vlm.training.data_setup import load_tokenizer
-    from megatron_vlm.training.model_setup import _DTYPES
+    from megatron_vlm.training.model_setup import PRECISION_DTYPES
     from megatron_vlm.training.recipe import load_recipe
 
     hf_dirs = [Path(d) for d in args.hf]
@@ -186,7 +175,7 @@ def import_(args) -> Path:
     _single_process()
     # The model's structure on the meta device; the tensors come from the HF files while the
     # checkpoint is written (stream_import): the model is never held in memory.
-    dtype = _DTYPES[recipe.train.precision]
+    dtype = PRECISION_DTYPES[recipe.train.precision]
     model = stream_import.build_meta_model(vlm_cfg, tokenizer.image_id, tokenizer.img_end_id, dtype)
     shapes = {k: (v.shape, v.dtype) for k, v in hf.full_state(model).items()}
     sources = stream_import.HFSources(hf_dirs, vlm_cfg, shapes)  # names + shapes checked here

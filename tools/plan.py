@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from megatron_vlm.known_warnings import ignore_known_noise
 
-warnings.filterwarnings("ignore", category=UserWarning)
+ignore_known_noise()
 
 
 def main(argv=None) -> int:

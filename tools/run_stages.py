@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from megatron_vlm.training.recipe import load_recipe  # noqa: E402
 from megatron_vlm.distributed import free_port  # noqa: E402
@@ -59,7 +58,7 @@ def evaluate_stage(recipe_file: Path, workdir: Path, extra: list[str], scores: P
     cmd = [sys.executable, "-m", "tools.evaluate", "--recipe", str(recipe_file),
            "--checkpoint", str(workdir / recipe_file.stem), "--out", str(scores),
            *stage_overrides(recipe_file, workdir), *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    proc = subprocess.run(cmd, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"evaluation of {recipe_file.stem} failed (exit {proc.returncode})")
 
@@ -70,8 +69,7 @@ def train_stage(recipe_file: Path, workdir: Path, nproc: int, extra: list[str],
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_port", str(free_port()), "-m", "megatron_vlm.train",
            "--recipe", str(recipe_file), *stage_overrides(recipe_file, workdir), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(cmd, cwd=REPO, env=env)
     if proc.returncode != 0 or not summary.is_file():
         raise SystemExit(f"stage {recipe_file.stem} failed (exit {proc.returncode}); fix and re-run "

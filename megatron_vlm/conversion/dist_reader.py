@@ -77,7 +77,8 @@ class DistCheckpointReader:
         size, dtype = self._meta[key]
         t = torch.empty(size, dtype=dtype)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single "
+                                    "process")
             load({key: t}, storage_reader=self._reader, no_dist=True)
         return t
 

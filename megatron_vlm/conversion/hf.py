@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
+from megatron.core.utils import unwrap_model as unwrap  # DDP / Float16Module -> our model
 
 from megatron_vlm.conversion import mapping
 from megatron_vlm.conversion.mapping import Rule
@@ -59,22 +60,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # ---- our model ------------------------------------------------------------------------------
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):  # DDP / Float16Module
-        model = model.module
-    return model
-
-
 def full_state(model: torch.nn.Module) -> Tensors:
     """The model's weights (TP=1 model), ``_extra_state`` dropped, detached (not copied)."""
     return {k: v.detach() for k, v in unwrap(model).state_dict().items()
             if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
-
-
-def token_ids(tokenizer) -> dict:
-    """What an export needs of the tokenizer (also stored in self-describing checkpoints)."""
-    return {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-            "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "image_id": tokenizer.image_id}
 
 
 # ---- configs --------------------------------------------------------------------------------
@@ -252,7 +241,7 @@ def check_import(rules: List[Rule], alias: Dict[str, str], dropped: Callable[[st
 
 
 # ---- export / import, streaming -------------------------------------------------------------
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, mininterval=1.0)
@@ -277,7 +266,7 @@ def export_hf(get: Callable[[str], torch.Tensor], shapes: Shapes, vlm_cfg: dict,
 
     writer = ShardedSafetensorsWriter(
         out, [(k, s, cast(d)) for k, (s, d) in planned.items()], max_shard_bytes)
-    bar = _progress(len(rules), f"export {out.name}", progress)
+    bar = progress_bar(len(rules), f"export {out.name}", progress)
     try:
         for rule in rules:
             for name, t in mapping.stream_to_hf([rule], get):
@@ -308,7 +297,7 @@ def import_into(model: torch.nn.Module, hf_dir: Path, vlm_cfg: dict, progress: b
     for key in reader.keys():
         if dropped(key) and ("layer_scale" in key or "input_conditioner" in key):
             vis_map.check_dropped(key, reader.read(key))
-    bar = _progress(len(rules), f"import {Path(hf_dir).name}", progress)
+    bar = progress_bar(len(rules), f"import {Path(hf_dir).name}", progress)
     with torch.no_grad():
         for rule in rules:
             for key, t in mapping.stream_to_ours([rule], lambda k: reader.read(alias.get(k, k))):

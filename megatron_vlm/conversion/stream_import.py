@@ -188,7 +188,7 @@ def streaming_save_strategy(model, sources: HFSources, progress: bool = False):
             sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
                 sharded_state_dict, self.keep_only_main_replica)
             pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
-            bar = hf._progress(len(uses), f"import -> {Path(checkpoint_dir).parent.name}", progress)
+            bar = hf.progress_bar(len(uses), f"import -> {Path(checkpoint_dir).parent.name}", progress)
             planner = FillingPlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
                                      flatten_state_dict=False)
             planner.views = views

@@ -15,11 +15,7 @@ from typing import Optional
 import torch
 
 from megatron_vlm.conversion.hf import LLM_ARCH
-
-
-def tokens_per_tile(vlm_cfg: dict, tile_size: int) -> int:
-    patches = tile_size // vlm_cfg["vision_model"]["patch_size"]
-    return int(patches * patches * vlm_cfg["downsample_ratio"] ** 2)
+from megatron_vlm.data.tiling import tokens_per_tile
 
 
 def random_inputs(vlm_cfg: dict, ids: dict, tile_size: int, seq: int = 64, seed: int = 0,
@@ -28,7 +24,8 @@ def random_inputs(vlm_cfg: dict, ids: dict, tile_size: int, seq: int = 64, seed:
     batch with 3 tiles' placeholders (2 in row 0, 1 in row 1) plus those tiles."""
     g = torch.Generator().manual_seed(seed)
     vocab = min(ids["vocab_size"], vlm_cfg["language_model"]["vocab_size"])
-    per_tile = tokens_per_tile(vlm_cfg, tile_size)
+    per_tile = tokens_per_tile(tile_size, vlm_cfg["vision_model"]["patch_size"],
+                               vlm_cfg["downsample_ratio"])
     seq = max(seq, 3 * (per_tile + 2) + 4)
     text = torch.randint(0, vocab, (2, seq), generator=g)
     image, start, end = ids["image_id"], ids.get("img_start_id"), ids.get("img_end_id")

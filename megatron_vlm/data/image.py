@@ -12,8 +12,7 @@ import io
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from megatron_vlm.media_format import CLIP_MEAN, CLIP_STD
 
 
 class ImageDecodeError(ValueError):

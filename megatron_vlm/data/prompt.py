@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_vlm.models.evs import num_kept_tokens, provisional_frame_counts
+from megatron_vlm.media_format import num_kept_tokens, provisional_frame_counts
 
 from .schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from .tokenizer import (

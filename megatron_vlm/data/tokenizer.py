@@ -111,9 +111,6 @@ class VLMTokenizer:
         """Number of ids in use (added tokens included); the model pads it up as it likes."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def padded_vocab_size(self, divisible_by: int = 128) -> int:
-        return -(-self.vocab_size // divisible_by) * divisible_by
-
     def token_id(self, token: str) -> int:
         tid = self._tok.token_to_id(token)
         if tid is None:
@@ -133,3 +130,9 @@ class VLMTokenizer:
     @property
     def backend(self) -> Tokenizer:
         return self._tok
+
+
+def token_ids(tokenizer: VLMTokenizer) -> dict:
+    """The ids an export needs of the tokenizer (also stored in self-describing checkpoints)."""
+    return {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+            "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "image_id": tokenizer.image_id}

@@ -173,9 +173,18 @@ def set_evs_rates(meta: dict, options: VideoOptions, seed: int, key: str) -> Non
         return
     import zlib
 
-    from megatron_vlm.models.evs import draw_rate
-
     rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
     for item in meta.get("media", []):
         if item.get("type") == "video":
             item["evs_rate"] = draw_rate(options.evs_rate, options.evs_rate_sampling, rng)
+
+
+def draw_rate(target: float, sampling: str, rng, concentration: float = 20.0) -> float:
+    """EVS pruning rate of one training sample: ``target`` ("fixed"), or a Beta draw with mean
+    ``target`` ("beta"), as the paper's uptraining with stochastic pruning rates."""
+    if sampling == "fixed" or target <= 0.0:
+        return float(target)
+    if sampling != "beta":
+        raise ValueError(f"unknown EVS rate sampling {sampling!r} (fixed | beta)")
+    a, b = target * concentration, (1 - target) * concentration
+    return float(min(max(rng.beta(a, b), 0.0), 0.99))

@@ -4,44 +4,108 @@ The YAML is a flat dict of architecture fields (see recipes/models/nemotron_h_12
 keys mirror Megatron-LM's argument names. Parallel sizes and runtime switches (dtype overrides,
 sequence parallelism, init on CPU/meta) are not architecture and come as arguments.
 
-The loading (``load_config_dict``) and the TransformerConfig arguments common to every part
+Each YAML is checked against a dataclass (:class:`LLMConfig`, :class:`VisionConfig`,
+:class:`VLMConfig`; loading them needs no megatron import) like the stage recipes: unknown keys with a did-you-mean, types,
+choices, one line naming the file and key. The loading (``load_config_dict``, which also finds the
+shipped YAMLs of an installed package) and the TransformerConfig arguments common to every part
 (``base_config_kwargs``) also serve the vision tower (``models/vision/config.py``) and the VLM.
 """
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Union
 
 import torch
 import yaml
 
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron_vlm.typed_config import build as build_typed
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes" / "models"
 
-_REQUIRED = (
-    "hybrid_override_pattern", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-    "num_query_groups", "kv_channels", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
-    "mamba_num_groups", "vocab_size",
-)
+class ModelConfigError(ValueError):
+    """A model config is wrong; the message names the file and the key."""
 
-_DEFAULTS = dict(
-    position_embedding_type="none",
-    mamba_conv_kernel=4,
-    mamba_chunk_size=128,
-    mamba_dt_clamp_min=None,
-    normalization="RMSNorm",
-    layernorm_epsilon=1e-5,
-    make_vocab_size_divisible_by=128,
-    untie_embeddings_and_output_weights=True,
-    max_sequence_length=4096,
-    init_method_std=0.02,
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
-    params_dtype="float32",
-)
+
+@dataclass
+class LLMConfig:
+    """The hybrid LLM's YAML (recipes/models/nemotron_h_*.yaml); names as Megatron-LM's arguments."""
+    hybrid_override_pattern: str     # one letter per layer: M Mamba2, * attention, - MLP
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: Optional[int]  # GQA groups (None: as many as heads)
+    kv_channels: Optional[int]       # head dim (None: hidden / heads)
+    mamba_num_heads: Optional[int]   # None: 2 x hidden / mamba_head_dim
+    mamba_head_dim: int
+    mamba_state_dim: int
+    mamba_num_groups: int
+    vocab_size: int
+    name: str = ""
+    position_embedding_type: str = "none"
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128
+    mamba_dt_clamp_min: Optional[float] = None
+    normalization: str = "RMSNorm"
+    layernorm_epsilon: float = 1e-5
+    make_vocab_size_divisible_by: int = 128
+    untie_embeddings_and_output_weights: bool = True
+    max_sequence_length: int = 4096
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    params_dtype: str = "float32"
+
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+LLM_CHOICES = {
+    "position_embedding_type": ("none",),  # Nemotron-H uses no positional embedding at all
+    "normalization": ("RMSNorm",),
+    "params_dtype": tuple(DTYPES),
+}
+
+
+@dataclass
+class VisionConfig:
+    """The RADIO tower's YAML (recipes/models/radio_*.yaml)."""
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    patch_size: int
+    max_img_size: int                # CPE table side in pixels (a multiple of patch_size)
+    class_token_len: int             # cls + register tokens, dropped before the connector
+    name: str = ""
+    num_channels: int = 3
+    layernorm_epsilon: float = 1e-6
+    activation: str = "gelu"
+    add_qkv_bias: bool = True
+    add_bias_linear: bool = True
+    # Random CPE crop in train mode (Megatron's RADIO); eval always uses the interpolated window.
+    cpe_train_crop: bool = True
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    params_dtype: str = "float32"
+
+
+VISION_ACTIVATIONS = ("gelu",)  # mapped to functions in vision/config.py
+VISION_CHOICES = {"activation": VISION_ACTIVATIONS, "params_dtype": tuple(DTYPES)}
+
+
+@dataclass
+class VLMConfig:
+    """The VLM's YAML (recipes/models/vlm_*.yaml): its two parts and the connector."""
+    language_model: Union[str, dict]  # LLM config: a shipped name, a YAML path or inline
+    vision_model: Union[str, dict]    # vision tower config: likewise
+    projector_hidden_size: int
+    name: str = ""
+    downsample_ratio: float = 0.5     # pixel shuffle: 0.5 merges 2 x 2 patches into one token
+    projector_norm_eps: float = 1e-5
+    image_token_id: Optional[int] = None    # set at build from the tokenizer
+    img_end_token_id: Optional[int] = None
+
 
 # TransformerConfig fields that every part (LLM, vision tower) reads from its YAML by the same name.
 _SHARED_FIELDS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "layernorm_epsilon",
@@ -68,26 +132,55 @@ def to_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
     return DTYPES[value] if isinstance(value, str) else value
 
 
-def load_config_dict(name_or_path: Union[str, Path, dict], required: Sequence[str],
-                     defaults: Mapping, what: str) -> dict:
-    """Config dict from a recipe name (YAML in ``recipes/models``), a YAML path or a dict (copied).
+def recipes_root() -> Path:
+    """The shipped recipes: the installed package's data (``megatron_vlm/recipes``, see setup.py)
+    or, in a checkout, the repository's ``recipes/``."""
+    here = Path(__file__).resolve()
+    for root in (here.parents[1] / "recipes", here.parents[2] / "recipes"):
+        if (root / "models").is_dir():
+            return root
+    raise ModelConfigError(f"no recipes/models next to {here.parents[1]} (a broken install?)")
 
-    Raises naming ``what`` when a ``required`` key is missing; missing ``defaults`` keys are filled.
-    """
+
+def resolve_model_yaml(name_or_path: Union[str, Path]) -> Path:
+    """The YAML file of a model config: a shipped name (``vlm_tiny``), a path that exists, or a
+    path under ``recipes/`` (as recipes write it) found in the shipped recipes from anywhere."""
+    path = Path(name_or_path).expanduser()
+    if not path.suffix:
+        return recipes_root() / "models" / f"{name_or_path}.yaml"
+    if path.exists() or path.is_absolute() or path.parts[0] != "recipes":
+        return path
+    shipped = recipes_root().joinpath(*path.parts[1:])
+    return shipped if shipped.is_file() else path
+
+
+def read_model_yaml(name_or_path: Union[str, Path, dict]) -> tuple:
+    """(mapping, source) of a model YAML or shipped name; a dict is copied (source "dict")."""
     if isinstance(name_or_path, dict):
-        cfg = dict(name_or_path)
-    else:
-        path = Path(name_or_path)
-        if not path.suffix:
-            path = RECIPES_DIR / f"{name_or_path}.yaml"
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-    missing = [k for k in required if k not in cfg]
-    if missing:
-        raise ValueError(f"{what} config lacks {missing}")
-    for key, value in defaults.items():
-        cfg.setdefault(key, value)
-    return cfg
+        return dict(name_or_path), "dict"
+    path = resolve_model_yaml(name_or_path)
+    if not path.is_file():
+        raise ModelConfigError(f"{path}: model config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ModelConfigError(f"{path}: cannot read: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{path}: a model config must be a mapping of keys")
+    return raw, str(path)
+
+
+def load_config_dict(name_or_path: Union[str, Path, dict], schema, what: str,
+                     choices: Optional[Mapping[str, tuple]] = None) -> dict:
+    """Config dict from a recipe name (YAML in ``recipes/models``), a YAML path or a dict (copied),
+    checked against the dataclass ``schema`` (unknown keys, types, ``choices``), defaults filled
+    in. Errors are one :class:`ModelConfigError` line naming the file (``what`` for a dict) and
+    the key."""
+    raw, source = read_model_yaml(name_or_path)
+    if source == "dict":
+        source = f"{what} config (dict)"
+    checked = build_typed(schema, raw, "", source, ModelConfigError, choices, top=f"{what} config")
+    return dataclasses.asdict(checked)
 
 
 def config_fields(cfg: dict, *names: str) -> dict:
@@ -96,13 +189,31 @@ def config_fields(cfg: dict, *names: str) -> dict:
 
 
 def load_model_config(name_or_path: Union[str, Path, dict]) -> dict:
-    """Model config dict from a YAML path, a recipe name (``nemotron_h_tiny``) or a dict.
+    """LLM config dict from a YAML path, a recipe name (``nemotron_h_tiny``) or a dict; checked
+    against :class:`LLMConfig`, defaults filled in."""
+    return load_config_dict(name_or_path, LLMConfig, "LLM", LLM_CHOICES)
 
-    Missing optional keys get their defaults; required keys are checked.
+
+def load_radio_config(name_or_path: Union[str, Path, dict]) -> dict:
+    """Tower config dict from a recipe name (``radio_tiny``), a YAML path or a dict."""
+    cfg = load_config_dict(name_or_path, VisionConfig, "vision tower", VISION_CHOICES)
+    what = cfg["name"] or "vision tower"
+    if cfg["hidden_size"] % cfg["num_attention_heads"]:
+        raise ModelConfigError(f"{what}: hidden_size {cfg['hidden_size']} is not divisible by "
+                               f"num_attention_heads {cfg['num_attention_heads']}")
+    if cfg["max_img_size"] % cfg["patch_size"]:
+        raise ModelConfigError(f"{what}: max_img_size must be a multiple of patch_size")
+    return cfg
+
+
+def load_vlm_config(name_or_path: Union[str, Path, dict]) -> dict:
+    """VLM config dict with its ``language_model`` / ``vision_model`` sub-configs resolved to dicts.
+
+    Sub-configs may be recipe names, YAML paths or inline dicts.
     """
-    cfg = load_config_dict(name_or_path, _REQUIRED, _DEFAULTS, "model")
-    if cfg["position_embedding_type"] != "none":
-        raise ValueError("Nemotron-H uses no positional embedding (position_embedding_type: none)")
+    cfg = load_config_dict(name_or_path, VLMConfig, "VLM")
+    cfg["language_model"] = load_model_config(cfg["language_model"])
+    cfg["vision_model"] = load_radio_config(cfg["vision_model"])
     return cfg
 
 
@@ -152,6 +263,7 @@ def base_config_kwargs(cfg: dict, tp: Optional[int], pp: Optional[int],
         fp16=dtype == torch.float16,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        cuda_graph_scope=[],  # megatron's default "full" is deprecated for [] (same meaning)
         **_FUSIONS_OFF,
     )
 
@@ -162,13 +274,15 @@ def make_transformer_config(
     pp: Optional[int] = None,
     params_dtype: Optional[Union[str, torch.dtype]] = None,
     **overrides,
-) -> TransformerConfig:
-    """TransformerConfig for the hybrid LLM.
+):
+    """megatron's TransformerConfig for the hybrid LLM.
 
     tp / pp default to megatron's parallel_state when initialised (else 1). ``params_dtype``
     overrides the YAML dtype (e.g. fp32 on CPU). ``overrides`` go straight to TransformerConfig
     (e.g. sequence_parallel=True, use_cpu_initialization=True, perform_initialization=False).
     """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
     cfg = load_model_config(model_cfg)
     kwargs = base_config_kwargs(cfg, tp, pp, params_dtype)
     kwargs["context_parallel_size"] = _context_parallel_size()  # the LLM only, not the ViT

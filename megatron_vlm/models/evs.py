@@ -8,7 +8,8 @@ cosine dissimilarity, which is at most 2) so it is always kept whole; the
 original order.
 
 Because the kept count depends only on T, tokens per frame and q, the data pipeline fixes it when it
-packs a sample, before any vision pass (see ``vlm.py`` for the sequence layout).
+packs a sample, before any vision pass (``megatron_vlm.media_format`` holds the counts both sides
+use; see ``vlm.py`` for the sequence layout).
 """
 
 from __future__ import annotations
@@ -16,11 +17,6 @@ from __future__ import annotations
 import torch
 
 FIRST_FRAME_SCORE = 255.0
-
-
-def num_kept_tokens(num_frames: int, tokens_per_frame: int, rate: float) -> int:
-    """Tokens a video keeps at pruning rate ``rate`` (same expression as the reference)."""
-    return max(tokens_per_frame, int(num_frames * tokens_per_frame * (1 - rate)))
 
 
 def retention_mask(embeddings: torch.Tensor, num_frames: int, num_keep: int) -> torch.Tensor:
@@ -42,30 +38,3 @@ def retention_mask(embeddings: torch.Tensor, num_frames: int, num_keep: int) -> 
 def kept_per_frame(mask: torch.Tensor, num_frames: int) -> torch.Tensor:
     """Kept tokens of each frame, [T] (sums to the mask's count)."""
     return mask.reshape(num_frames, -1).sum(dim=1)
-
-
-def provisional_frame_counts(num_frames: int, tokens_per_frame: int, num_keep: int) -> list[int]:
-    """Per-frame ``<image>`` counts written by the data pipeline before the vision pass.
-
-    Frame 1 is always kept whole (it scores highest); the rest is spread evenly over the later
-    frames. The model replaces these counts with the real ones after pruning (same total)."""
-    counts = [tokens_per_frame] + [0] * (num_frames - 1)
-    rest = num_keep - tokens_per_frame
-    if num_frames == 1 or not 0 <= rest <= (num_frames - 1) * tokens_per_frame:
-        if rest == 0:
-            return counts
-        raise ValueError(f"cannot keep {num_keep} tokens of {num_frames} frames x {tokens_per_frame}")
-    for i in range(1, num_frames):
-        counts[i] = rest // (num_frames - 1) + (1 if i - 1 < rest % (num_frames - 1) else 0)
-    return counts
-
-
-def draw_rate(target: float, sampling: str, rng, concentration: float = 20.0) -> float:
-    """Pruning rate of one training sample: ``target`` ("fixed"), or a Beta draw with mean
-    ``target`` ("beta"), as the paper's uptraining with stochastic pruning rates."""
-    if sampling == "fixed" or target <= 0.0:
-        return float(target)
-    if sampling != "beta":
-        raise ValueError(f"unknown EVS rate sampling {sampling!r} (fixed | beta)")
-    a, b = target * concentration, (1 - target) * concentration
-    return float(min(max(rng.beta(a, b), 0.0), 0.99))

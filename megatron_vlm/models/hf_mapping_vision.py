@@ -34,7 +34,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from megatron_vlm.data.image import CLIP_MEAN, CLIP_STD
+from megatron_vlm.media_format import CLIP_MEAN, CLIP_STD
 
 LAYOUTS = ("released", "transformers")
 

@@ -97,6 +97,7 @@ def build_hybrid_llm(
     )
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of parameter elements held by this rank (works on the meta device)."""
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(module: Optional[torch.nn.Module]) -> int:
+    """Parameter elements held by this rank (works on the meta device); 0 for a part this
+    pipeline stage does not hold (None)."""
+    return 0 if module is None else sum(p.numel() for p in module.parameters())

@@ -93,7 +93,37 @@ class HybridMambaMixer(MegatronModule):
         self.chunk_size = chunk_size
         self.dt_clamp_min = dt_clamp_min
         self.tp_group = pg_collection.tp
+        self._set_sizes(config, d_model, d_conv, expand)
 
+        # Created in megatron's order (in_proj, SSM parameters, norm, out_proj): same random init.
+        self.in_proj = build_module(
+            submodules.in_proj, d_model, 2 * self.d_inner + 2 * self.ngroups * self.d_state
+            + self.nheads, config=config, init_method=config.init_method, gather_output=False,
+            bias=False, skip_bias_add=False, is_expert=False, tp_comm_buffer_name="fc1",
+            tp_group=self.tp_group)
+        self._init_ssm_parameters(config, conv_init, conv_bias, A_init_range,
+                                  (dt_min, dt_max, dt_init_floor))
+
+        # Context parallelism: megatron's all-to-all between sequence and heads (a no-op at cp=1).
+        # It slices the conv1d / dt_bias / A_log / D parameters per CP rank in the forward pass,
+        # so the parameters and the checkpoint layout do not depend on the CP size.
+        cp_group = pg_collection.cp
+        self.cp = None
+        if cp_group is not None and cp_group.size() > 1:
+            self.cp = MambaCP(cp_group, self.d_inner_local, self.nheads_local, self.ngroups_local,
+                              self.d_state, self.conv1d, self.dt_bias, self.A_log, self.D,
+                              D_has_hdim=False)
+
+        self.norm = GatedRMSNorm(self.d_inner_local, self.d_inner // self.ngroups, norm_eps,
+                                 config, tp_group=self.tp_group)
+
+        self.out_proj = build_module(
+            submodules.out_proj, self.d_inner, d_model, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2", tp_group=self.tp_group)
+
+    def _set_sizes(self, config: TransformerConfig, d_model: int, d_conv: int, expand: int) -> None:
+        """Heads, groups and widths, whole and per tensor-parallel rank."""
         self.d_model = d_model
         self.d_conv = d_conv
         self.d_state = config.mamba_state_dim
@@ -114,22 +144,13 @@ class HybridMambaMixer(MegatronModule):
         self.ngroups_local = self.ngroups // tp
         self.d_inner_local = self.d_inner // tp
 
-        self.in_proj = build_module(
-            submodules.in_proj,
-            d_model,
-            2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads,
-            config=config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=False,
-            skip_bias_add=False,
-            is_expert=False,
-            tp_comm_buffer_name="fc1",
-            tp_group=self.tp_group,
-        )
-
+    def _init_ssm_parameters(self, config: TransformerConfig, conv_init: Optional[float],
+                             conv_bias: bool, A_init_range, dt_init: tuple) -> None:
+        """conv1d, dt_bias, A_log and D of this rank's heads (megatron's init, in its order)."""
+        dt_min, dt_max, dt_init_floor = dt_init
         device = param_device(config)
         dtype = config.params_dtype
+        d_conv = self.d_conv
         conv_dim = self.d_inner_local + 2 * self.ngroups_local * self.d_state
         # Per-rank-distinct random init, like megatron (the fork is the model-parallel RNG).
         with get_cuda_rng_tracker().fork():
@@ -159,33 +180,6 @@ class HybridMambaMixer(MegatronModule):
                 setattr(p, "tensor_model_parallel", True)
                 setattr(p, "partition_dim", 0)
                 setattr(p, "partition_stride", 1)
-
-        # Context parallelism: megatron's all-to-all between sequence and heads (a no-op at cp=1).
-        # It slices the conv1d / dt_bias / A_log / D parameters per CP rank in the forward pass,
-        # so the parameters and the checkpoint layout do not depend on the CP size.
-        cp_group = pg_collection.cp
-        self.cp = None
-        if cp_group is not None and cp_group.size() > 1:
-            self.cp = MambaCP(cp_group, self.d_inner_local, self.nheads_local, self.ngroups_local,
-                              self.d_state, self.conv1d, self.dt_bias, self.A_log, self.D,
-                              D_has_hdim=False)
-
-        self.norm = GatedRMSNorm(self.d_inner_local, self.d_inner // self.ngroups, norm_eps,
-                                 config, tp_group=self.tp_group)
-
-        self.out_proj = build_module(
-            submodules.out_proj,
-            self.d_inner,
-            d_model,
-            config=config,
-            init_method=config.output_layer_init_method,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_comm_buffer_name="fc2",
-            tp_group=self.tp_group,
-        )
 
     def forward(self, hidden_states, inference_context=None, *, inference_params=None,
                 packed_seq_params: Optional[PackedSeqParams] = None):

@@ -75,6 +75,33 @@ def _segsum_by_difference(a_cumsum: torch.Tensor) -> torch.Tensor:
     return diff.masked_fill(~lower, float("-inf"))
 
 
+def _pad_to_chunks(x, dt, B, C, seq_idx, chunk_size: int):
+    """Zero-pad the sequence axis (1) to a multiple of ``chunk_size``: exact, as padded steps have
+    dt = 0; the padding continues the last sequence of ``seq_idx``."""
+    pad = (-x.shape[1]) % chunk_size
+    if not pad:
+        return x, dt, B, C, seq_idx
+    if seq_idx is not None:
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(x.shape[0], pad)], dim=1)
+    return (F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad)),
+            F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad)), seq_idx)
+
+
+def _carry_states(a_cumsum, chunk_states, initial_state, chunk_seq_ids, owner):
+    """States entering each chunk [b, c, h, p, n] and the final state [b, h, p, n]: a short loop
+    over chunks (linear in sequence length). With packed sequences (``chunk_seq_ids`` [b, c, q],
+    ``owner`` [b, c]: the sequence a chunk's entering state belongs to), the carried state
+    survives chunk c only if chunk c ends in the owner's sequence."""
+    chunk_decay = torch.exp(a_cumsum[..., -1])  # [b, h, c]: decay across a whole chunk
+    if chunk_seq_ids is not None:
+        chunk_decay = chunk_decay * (chunk_seq_ids[:, :, -1] == owner).unsqueeze(1)
+    state, entering = initial_state, []
+    for c in range(chunk_states.shape[1]):
+        entering.append(state)
+        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
+    return torch.stack(entering, dim=1), state
+
+
 def ssd_chunked_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -112,19 +139,10 @@ def ssd_chunked_scan(
     heads_per_group = nheads // ngroups
     out_dtype = x.dtype
 
-    xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
     Af = A.float()
-
-    pad = (-seqlen) % chunk_size
-    if pad:
-        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
-        dtf = F.pad(dtf, (0, 0, 0, pad))
-        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
-        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
-        if seq_idx is not None:
-            # Padding continues the last sequence; it carries no input, so it changes nothing.
-            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(bsz, pad)], dim=1)
-    nchunks = (seqlen + pad) // chunk_size
+    xf, dtf, Bf, Cf, seq_idx = _pad_to_chunks(x.float(), dt.float(), B.float(), C.float(),
+                                             seq_idx, chunk_size)
+    nchunks = xf.shape[1] // chunk_size
     q = chunk_size
 
     # [b, c, q, ...] chunk views.
@@ -157,25 +175,16 @@ def ssd_chunked_scan(
     Bh = Bc.repeat_interleave(heads_per_group, dim=3)  # [b, c, s, h, n]
     chunk_states = torch.einsum("bhcs,bcshn,bcshp->bchpn", decay_to_end, Bh, xdt)
 
-    # 3) Carry the state across chunks (short loop over chunks; linear in sequence length).
-    chunk_decay = torch.exp(a_cumsum[..., -1])  # [b, h, c]: decay across a whole chunk
+    # 3) Carry the state across chunks.
+    owner = None
     if seq_idx is not None:
         # Sequence that owns the state entering chunk c: the one of chunk c-1's last token (for
         # chunk 0, the initial state belongs to the row's first sequence).
-        last_ids = sc[:, :, -1]
-        owner = torch.cat([sc[:, :1, 0], last_ids[:, :-1]], dim=1)  # [b, c]
-        # The carried state survives chunk c only if chunk c ends in the owner's sequence.
-        chunk_decay = chunk_decay * (last_ids == owner).unsqueeze(1)
-    state = (
-        initial_states.float()
-        if initial_states is not None
-        else xf.new_zeros(bsz, nheads, headdim, dstate)
-    )
-    entering = []
-    for c in range(nchunks):
-        entering.append(state)
-        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
-    entering = torch.stack(entering, dim=1)  # [b, c, h, p, n]
+        owner = torch.cat([sc[:, :1, 0], sc[:, :-1, -1]], dim=1)  # [b, c]
+    if initial_states is None:
+        initial_states = xf.new_zeros(bsz, nheads, headdim, dstate)
+    entering, state = _carry_states(a_cumsum, chunk_states, initial_states.float(),
+                                    None if seq_idx is None else sc, owner)
 
     # 4) Output from the entering state: y_l += exp(a_cumsum[l]) C_l . state.
     Ch = Cc.repeat_interleave(heads_per_group, dim=3)  # [b, c, l, h, n]

@@ -39,8 +39,6 @@ one TP/PP layout loads at any other.
 """
 
 from contextlib import nullcontext
-from functools import partial
-from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
@@ -50,42 +48,26 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_vlm.models.config import load_config_dict, load_model_config
+from megatron_vlm.media_format import CLIP_MEAN, CLIP_STD
+from megatron_vlm.models.config import load_vlm_config
 from megatron_vlm.models.connector import VisionConnector, build_connector
 from megatron_vlm.models.context_parallel import global_cu_seqlens, shard_sequence, shard_tokens
 from megatron_vlm.models.evs import kept_per_frame, retention_mask
 from megatron_vlm.models.llm import build_hybrid_llm
-from megatron_vlm.models.packing import make_packed_seq_params
-from megatron_vlm.models.vision.config import load_radio_config
 from megatron_vlm.models.vision.radio import RadioVisionTower, build_radio_tower
 
 # Freezable parts and the attributes (= checkpoint prefixes) that hold them.
 PART_ATTRIBUTES = {"vision": "vision_model", "connector": "vision_projection", "llm": "language_model"}
 
-_VLM_DEFAULTS = dict(downsample_ratio=0.5, projector_norm_eps=1e-5, image_token_id=None, img_end_token_id=None)
-_VLM_REQUIRED = ("language_model", "vision_model", "projector_hidden_size")
 
 
 class ImageTokenMismatch(ValueError):
     """The number of ``<image>`` tokens differs from the number of tile embeddings."""
 
 
-def load_vlm_config(name_or_path: Union[str, Path, dict]) -> dict:
-    """VLM config dict with its ``language_model`` / ``vision_model`` sub-configs resolved to dicts.
-
-    Sub-configs may be recipe names, YAML paths or inline dicts.
-    """
-    cfg = load_config_dict(name_or_path, _VLM_REQUIRED, _VLM_DEFAULTS, "VLM")
-    cfg["language_model"] = load_model_config(cfg["language_model"])
-    cfg["vision_model"] = load_radio_config(cfg["vision_model"])
-    return cfg
-
-
 def normalize_uint8_tiles(tiles: torch.Tensor) -> torch.Tensor:
     """uint8 [N, T, T, 3] (the shards' layout) -> CLIP-normalised float32 [N, 3, T, T], computed
     on the tiles' device: a quarter of the host work and host-to-device bytes of float tiles."""
-    from megatron_vlm.data.image import CLIP_MEAN, CLIP_STD
-
     if tiles.ndim != 4 or tiles.shape[-1] != 3:
         raise ValueError(f"expected uint8 tiles [N, T, T, 3], got {tuple(tiles.shape)}")
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=tiles.device).view(1, 3, 1, 1)
@@ -370,15 +352,3 @@ def build_vlm(
             raise ValueError(f"unknown parts to freeze: {sorted(unknown)}")
         model.freeze(**freeze)
     return model
-
-
-def vlm_forward_step(data_iterator, model: torch.nn.Module):
-    """Kept importable here; the forward step lives in ``megatron_vlm.training.vlm_step``."""
-    from megatron_vlm.training.vlm_step import vlm_forward_step as forward_step
-
-    return forward_step(data_iterator, model)
-
-
-def count_parameters(module: Optional[torch.nn.Module]) -> int:
-    """Parameter elements held by this rank (works on the meta device)."""
-    return 0 if module is None else sum(p.numel() for p in module.parameters())

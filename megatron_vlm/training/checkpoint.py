@@ -55,19 +55,17 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _unwrap(chunk):
-    return chunk.module if hasattr(chunk, "module") else chunk
-
-
 def model_sharded_state_dict(model_chunks: list) -> dict:
-    if len(model_chunks) == 1:
-        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
     from megatron.core import parallel_state
+    from megatron.core.utils import unwrap_model
+
+    if len(model_chunks) == 1:
+        return {"model": unwrap_model(model_chunks[0]).sharded_state_dict()}
 
     state = {}
     for i, chunk in enumerate(model_chunks):
         parallel_state.set_virtual_pipeline_model_parallel_rank(i)
-        state[f"model{i}"] = _unwrap(chunk).sharded_state_dict()
+        state[f"model{i}"] = unwrap_model(chunk).sharded_state_dict()
     parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     return state
 
@@ -244,7 +242,7 @@ def _step_of(path: Path) -> int:
     return int(path.name.split(".")[0].split("_")[1])
 
 
-def _candidates(root: Path) -> list[Path]:
+def checkpoint_candidates(root: Path) -> list[Path]:
     """Checkpoint directories, newest first. ``step_N.old`` (the previous copy of a step being
     re-saved when a crash hit) comes right after ``step_N``."""
     found = [p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+(\.old)?", p.name)]
@@ -279,7 +277,25 @@ def latest_checkpoint(root, say: Optional[Callable[[str], None]] = None) -> Opti
 
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     root = Path(root)
-    return _newest_good(root, _candidates(root), checkpoint_problem, say)
+    return _newest_good(root, checkpoint_candidates(root), checkpoint_problem, say)
+
+
+def resolve_checkpoint(path) -> Path:
+    """The checkpoint a user names (converter, evaluation): one ``step_*`` directory, verified
+    against its manifest, or a checkpoint root, whose newest checkpoint that verifies is taken.
+    :class:`CheckpointError` (one line starting with ``path``) when there is none."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory")
+    if (path / "meta.json").is_file():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(f"{path}: damaged checkpoint: {problem}")
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"{path}: no complete checkpoint (no latest/meta.json)")
+    return found
 
 
 def newest_verified(root, say: Callable[[str], None]) -> Optional[Path]:
@@ -287,7 +303,7 @@ def newest_verified(root, say: Callable[[str], None]) -> Optional[Path]:
     (for loading weights on every rank, e.g. ``checkpoint.init_from``)."""
     root = Path(root)
     rank, world = _world()
-    return _newest_good(root, _candidates(root) if root.is_dir() else [],
+    return _newest_good(root, checkpoint_candidates(root) if root.is_dir() else [],
                         lambda path: _first_problem(checkpoint_problem(path, share=(rank, world))),
                         say)
 
@@ -320,7 +336,7 @@ def resume(root, model_chunks: list, optimizer, scheduler,
     """
     root = Path(root)
     rank, world = _world()
-    candidates = _candidates(root) if root.is_dir() else []
+    candidates = checkpoint_candidates(root) if root.is_dir() else []
     note = _latest_note(root, candidates[0]) if candidates else None  # before anything moves
     problems = []
     for path in candidates:
@@ -449,6 +465,7 @@ def load_checkpoint(path, model_chunks: list, optimizer=None, scheduler=None,
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from megatron.core.utils import unwrap_model
 
     path = Path(path)
     if verify:
@@ -462,7 +479,7 @@ def load_checkpoint(path, model_chunks: list, optimizer=None, scheduler=None,
     loaded = dist_checkpointing.load(state, str(path), strict=strict_mode)
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
-        _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=strict)
     if optimizer is not None:
         with _keep_adam_step(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])

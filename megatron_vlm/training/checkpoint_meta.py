@@ -22,7 +22,7 @@ _current: Optional[dict] = None
 
 
 def describe(recipe, vlm_cfg: dict, tokenizer) -> dict:
-    from megatron_vlm.conversion.hf import token_ids
+    from megatron_vlm.data.tokenizer import token_ids
 
     tok_path = Path(recipe.data.tokenizer).expanduser()
     return {"format": FORMAT,
@@ -60,29 +60,24 @@ def read(directory) -> Optional[dict]:
 
 def recipe_from(description: dict, overrides: Optional[list] = None):
     """The saved recipe as a ``Recipe`` (validated again), with ``section.key=value`` overrides."""
-    from megatron_vlm.training.recipe import Recipe, _build, _check_values, apply_override
+    from megatron_vlm.training.recipe import recipe_from_dict
 
     raw = dict(description["recipe"])
     source = raw.pop("source", "") or "checkpoint description"
-    for override in overrides or []:
-        apply_override(raw, override, source)
-    recipe = _build(Recipe, raw, "", source)
-    recipe.source = source
-    _check_values(recipe, source)
-    return recipe
+    return recipe_from_dict(raw, source, overrides)
 
 
 def newest(path) -> Optional[tuple]:
     """(step directory, description) of the newest described checkpoint under the root ``path``
     (or ``path`` itself when it is a step directory); None when there is none. Only reads the
     descriptions: the resume itself verifies the checkpoint it loads."""
-    from megatron_vlm.training.checkpoint import _candidates
+    from megatron_vlm.training.checkpoint import checkpoint_candidates
 
     path = Path(path)
     if (path / "meta.json").is_file():
         candidates = [path]
     else:
-        candidates = _candidates(path) if path.is_dir() else []
+        candidates = checkpoint_candidates(path) if path.is_dir() else []
     for step_dir in candidates:
         if (step_dir / "meta.json").is_file():
             description = read(step_dir)

@@ -7,7 +7,7 @@ import torch
 from megatron_vlm.training import checkpoint_meta
 from megatron_vlm.training.recipe import RecipeError
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
 def recompute_overrides(section) -> dict:
@@ -57,7 +57,7 @@ def build_model_chunks(recipe):
     if tokenizer.vocab_size > llm_vocab:
         raise RecipeError(f"{recipe.source}: data.tokenizer has {tokenizer.vocab_size} tokens but "
                           f"the model's vocab_size is {llm_vocab}")
-    overrides = {"params_dtype": _DTYPES[recipe.train.precision],
+    overrides = {"params_dtype": PRECISION_DTYPES[recipe.train.precision],
                  "use_cpu_initialization": cpu_mode(),
                  "sequence_parallel": recipe.parallel.sequence_parallel,
                  "cp_comm_type": recipe.parallel.cp_comm_type}

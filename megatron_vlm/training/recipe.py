@@ -9,14 +9,14 @@ file and the dotted key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import yaml
+
+from megatron_vlm.typed_config import build as build_typed
 
 
 class RecipeError(ValueError):
@@ -223,60 +223,8 @@ def apply_override(raw: dict, override: str, source: str) -> None:
             from None
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp, where: str, source: str):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        return _coerce(value, [a for a in args if a is not type(None)][0], where, source)
-    if origin in (list, List):
-        if not isinstance(value, list):
-            raise RecipeError(f"{source}: {where}: expected a list, got {type(value).__name__}")
-        return [_coerce(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, source)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-4" (no dot) as a string; users mean a number
-            return float(value)
-        except ValueError:
-            pass
-    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
-        raise RecipeError(f"{source}: {where}: expected {_type_name(tp)}, got "
-                          f"{type(value).__name__} {value!r}")
-    return value
-
-
 def _build(cls, raw, where: str, source: str):
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: {where or 'recipe'}: expected a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in raw:
-        if not isinstance(key, str):
-            raise RecipeError(f"{source}: {where or 'recipe'}: key {key!r} is not a name")
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RecipeError(f"{source}: unknown key {'.'.join(filter(None, [where, key]))!r}"
-                              f"{hint}")
-    kwargs = {}
-    for name, f in fields.items():
-        dotted = ".".join(filter(None, [where, name]))
-        if name in raw:
-            kwargs[name] = _coerce(raw[name], hints[name], dotted, source)
-            if dotted in CHOICES and kwargs[name] not in CHOICES[dotted]:
-                raise RecipeError(f"{source}: {dotted}: must be one of {CHOICES[dotted]}, got "
-                                  f"{kwargs[name]!r}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(f"{source}: missing required key {dotted!r}")
-    return cls(**kwargs)
+    return build_typed(cls, raw, where, source, RecipeError, CHOICES, top="recipe")
 
 
 def _check_finite(node, where: str, src: str) -> None:
@@ -398,12 +346,12 @@ def _check_context_parallel(recipe: Recipe, src: str) -> None:
 
 def check_model_parallel(recipe: Recipe) -> None:
     """Parallel sizes against the model's heads (needs the model YAML): one line per problem."""
-    from megatron_vlm.models.context_parallel import check_mamba_cp_sizes
-    from megatron_vlm.models.vlm import load_vlm_config
-
     p = recipe.parallel
     if p.cp == 1:
         return
+    from megatron_vlm.models.config import load_vlm_config
+    from megatron_vlm.models.context_parallel import check_mamba_cp_sizes  # imports megatron
+
     llm = load_vlm_config(recipe.model.config)["language_model"]
     heads, groups = llm["mamba_num_heads"], llm["mamba_num_groups"]
     if heads is None:
@@ -424,12 +372,22 @@ def check_model_parallel(recipe: Recipe) -> None:
 def load_recipe(path, overrides: Optional[list] = None) -> Recipe:
     """Read, merge, override and type-check a recipe (no file-system or world-size checks)."""
     path = Path(path).resolve()
-    raw = _read_yaml(path)
+    return recipe_from_dict(read_recipe_yaml(path), str(path), overrides)
+
+
+def read_recipe_yaml(path) -> dict:
+    """A recipe file with its ``base`` chain merged, as a dict (not yet validated)."""
+    return _read_yaml(Path(path).resolve())
+
+
+def recipe_from_dict(raw: dict, source: str, overrides: Optional[list] = None) -> Recipe:
+    """Override and type-check a recipe dict; ``source`` names it in errors."""
+    raw = dict(raw)
     for override in overrides or []:
-        apply_override(raw, override, str(path))
-    recipe = _build(Recipe, raw, "", str(path))
-    recipe.source = str(path)
-    _check_values(recipe, str(path))
+        apply_override(raw, override, source)
+    recipe = _build(Recipe, raw, "", source)
+    recipe.source = source
+    _check_values(recipe, source)
     return recipe
 
 
@@ -472,8 +430,15 @@ def _check_shard_tile_size(recipe: Recipe, key: str, path: Path) -> None:
 
 
 def check_paths(recipe: Recipe) -> None:
-    """Data, tokenizer and model config must exist before any process starts computing."""
-    checks = [("model.config", recipe.model.config), ("data.tokenizer", recipe.data.tokenizer)]
+    """Data, tokenizer and model config must exist (the model config valid) before any process
+    starts computing."""
+    from megatron_vlm.models.config import ModelConfigError, load_vlm_config
+
+    try:  # a shipped config is found from anywhere (recipes/models/... in the installed package)
+        load_vlm_config(recipe.model.config)
+    except ModelConfigError as e:
+        raise RecipeError(f"{recipe.source}: model.config: {e}") from None
+    checks = [("data.tokenizer", recipe.data.tokenizer)]
     checks += [(f"data.blend[{i}].path", d.path) for i, d in enumerate(recipe.data.blend)]
     checks += [(f"data.eval[{i}].path", d.path) for i, d in enumerate(recipe.data.eval)]
     for key, spec in checks:

@@ -65,15 +65,10 @@ def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def _unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def parameter_counts(model_chunks: list) -> dict:
     """{part: {"total": n, "trainable": n}} over the whole model (all ranks of a model replica)."""
     from megatron.core import parallel_state as ps
+    from megatron.core.utils import unwrap_model
 
     from megatron_vlm.models.vlm import PART_ATTRIBUTES
 
@@ -81,7 +76,7 @@ def parameter_counts(model_chunks: list) -> dict:
     parts = list(PART_ATTRIBUTES)
     counts = torch.zeros(len(parts), 2, dtype=torch.float64)
     for chunk in model_chunks:
-        model = _unwrap(chunk)
+        model = unwrap_model(chunk)
         for i, part in enumerate(parts):
             module = getattr(model, PART_ATTRIBUTES[part], None)
             if module is None:

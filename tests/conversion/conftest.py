@@ -28,16 +28,6 @@ def run_cli(workdir: Path, *args: str, expect: int = 0) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def single_process_megatron():
-    """A one-process gloo world with megatron's parallel state (TP=PP=1), for in-process tests."""
-    from megatron_vlm.distributed import destroy_distributed, initialize_distributed
-
-    initialize_distributed(tp=1, pp=1)
-    yield
-    destroy_distributed()
-
-
-@pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(workdir, checkpoint root, full-VLM HF dir, LLM-only HF dir)."""
     corpus = build_demo_corpus(tmp_path_factory, "demo", "--scale", "0.05")

@@ -83,7 +83,7 @@ def _export(model, vlm_cfg, ids, kind, out, prefix=""):
 
 
 @pytest.fixture(scope="module")
-def llms(single_process_megatron, tmp_path_factory):
+def llms(megatron_single, tmp_path_factory):
     from megatron_vlm.models.llm import build_hybrid_llm
 
     built = {}
@@ -183,7 +183,7 @@ def test_clamp_handling_is_what_makes_them_match(llms, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def vlm(single_process_megatron, tmp_path_factory):
+def vlm(megatron_single, tmp_path_factory):
     from megatron_vlm.models.vlm import build_vlm
 
     vlm_cfg = _vlm_cfg({})

@@ -14,7 +14,7 @@ IDS = {"vocab_size": 4096, "eos_id": 2, "pad_id": 0, "bos_id": None, "image_id":
 
 
 @pytest.mark.slow  # two torchrun ranks; TP=2 is covered in the default suite (test_convert_checkpoint)
-def test_export_of_a_pp2_checkpoint_equals_megatrons_tp1_load(single_process_megatron, tmp_path):
+def test_export_of_a_pp2_checkpoint_equals_megatrons_tp1_load(megatron_single, tmp_path):
     from megatron_vlm.models.vlm import build_vlm, load_vlm_config
     from megatron_vlm.training.checkpoint import load_checkpoint
 

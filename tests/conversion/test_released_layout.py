@@ -89,7 +89,7 @@ def ours_cfg():
 
 @pytest.mark.parametrize("part", ["vlm", "llm", "vision"])
 def test_transformers_save_pretrained_imports_bit_exactly_and_exports_back(
-        single_process_megatron, written, ours_cfg, part, tmp_path):
+        megatron_single, written, ours_cfg, part, tmp_path):
     from megatron_vlm.models.vlm import build_vlm
 
     hf_dir, saved = written[part]
@@ -141,7 +141,7 @@ def _load(part, directory):
     return dict(cls.from_pretrained(str(directory), dtype=torch.float32).state_dict())
 
 
-def test_layerscale_other_than_one_is_refused(single_process_megatron, written, ours_cfg, tmp_path):
+def test_layerscale_other_than_one_is_refused(megatron_single, written, ours_cfg, tmp_path):
     from safetensors.torch import save_file
 
     from megatron_vlm.models.vlm import build_vlm
@@ -156,7 +156,7 @@ def test_layerscale_other_than_one_is_refused(single_process_megatron, written, 
         hf.import_into(model, tmp_path, ours_cfg)
 
 
-def test_unmapped_tensor_and_wrong_shape_are_named(single_process_megatron, written, ours_cfg,
+def test_unmapped_tensor_and_wrong_shape_are_named(megatron_single, written, ours_cfg,
                                                    tmp_path):
     from safetensors.torch import save_file
 

@@ -86,7 +86,7 @@ def _forward_step(kind: str):
         from megatron_vlm.training.step import packed_lm_forward_step
 
         return packed_lm_forward_step
-    from megatron_vlm.models.vlm import vlm_forward_step
+    from megatron_vlm.training.vlm_step import vlm_forward_step
 
     return vlm_forward_step
 

@@ -20,12 +20,3 @@ def eval_demo_data(tmp_path_factory) -> Path:
 @pytest.fixture()
 def eval_workdir(tmp_path, eval_demo_data) -> Path:
     return repo_like_workdir(tmp_path, eval_demo_data)
-
-
-@pytest.fixture(scope="session")
-def megatron_single():
-    """tp = pp = 1 in this process; megatron's parallel state must exist to build its layers."""
-    from megatron_vlm.distributed import initialize_distributed
-
-    initialize_distributed(tp=1, pp=1)
-    yield

@@ -50,8 +50,7 @@ def run_case(case: str, workdir: Path, extra: tuple = ()) -> list[dict]:
     cmd = [sys.executable, "-m", "megatron_vlm.train", "--recipe", f"recipes/tiny/{recipe}.yaml",
            *COMMON, *overrides, f"checkpoint.dir={run_dir}", *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore")
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"golden case {case} failed ({proc.returncode}):\n"

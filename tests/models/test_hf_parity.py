@@ -16,7 +16,7 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def models(single_process_megatron):
+def models(megatron_single):
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     from megatron_vlm.models.llm import build_hybrid_llm

@@ -23,7 +23,7 @@ def test_auto_spec_is_local_on_cpu_and_te_spec_uses_te_slots():
     assert attn(te).core_attention is TEDotProductAttention and te.submodules.final_norm is TENorm
 
 
-def test_tiny_model_trains(single_process_megatron):
+def test_tiny_model_trains(megatron_single):
     from megatron_vlm.models.llm import build_hybrid_llm
 
     torch.manual_seed(0)

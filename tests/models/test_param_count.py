@@ -5,7 +5,7 @@ import torch
 PUBLIC_PARAMS = 12.31e9  # NVIDIA-Nemotron-Nano-12B-v2 (model card / safetensors index: 12.31B)
 
 
-def test_12b_parameter_count(single_process_megatron):
+def test_12b_parameter_count(megatron_single):
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     from megatron_vlm.models.hf_mapping_llm import hf_config_kwargs

@@ -29,7 +29,7 @@ def launch_train(workdir: Path, recipe: str, *overrides: str, nproc: int = 2,
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--master_port", str(free_port()), "-m", "megatron_vlm.train",
            "--recipe", f"recipes/tiny/{recipe}.yaml", *overrides]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     if popen:
         return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)

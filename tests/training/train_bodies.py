@@ -20,7 +20,7 @@ def checkpoint_eval_loss(workdir: str, checkpoint: str, tp: int, overrides: list
     from megatron.core import parallel_state
 
     from megatron_vlm.distributed import initialize_distributed
-    from megatron_vlm.models.vlm import vlm_forward_step
+    from megatron_vlm.training.vlm_step import vlm_forward_step
     from megatron_vlm.training.checkpoint import latest_checkpoint, load_checkpoint
     from megatron_vlm.training.data_setup import build_eval_batches
     from megatron_vlm.training.model_setup import build_model_chunks

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from megatron_vlm.distributed import initialize_distributed
-from megatron_vlm.models.evs import num_kept_tokens, provisional_frame_counts
+from megatron_vlm.media_format import num_kept_tokens, provisional_frame_counts
 from tests.parallel_utils import save_or_load
 from tests.vision.reference import IMAGE_TOKEN_ID
 
@@ -124,7 +124,7 @@ def frame_counts(model, row: dict) -> list:
 def run(tp: int = 1, pp: int = 1, init_ckpt: str = "", save_init: bool = False) -> dict:
     from megatron.core import parallel_state
 
-    from megatron_vlm.models.vlm import vlm_forward_step
+    from megatron_vlm.training.vlm_step import vlm_forward_step
     from megatron_vlm.training.optim import build_optimizer, wrap_with_ddp
     from megatron_vlm.training.recipe import OptimizerSection
     from megatron_vlm.training.step import train_step

@@ -40,12 +40,3 @@ def tokenizer(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     train_bpe(corpus_lines(), vocab_size=400).save(out)
     return VLMTokenizer.from_pretrained(str(out))
-
-
-@pytest.fixture(scope="session")
-def megatron_single():
-    """tp = pp = 1 in this process (as tests/vision): megatron's parallel state for building layers."""
-    from megatron_vlm.distributed import initialize_distributed
-
-    initialize_distributed(tp=1, pp=1)
-    yield

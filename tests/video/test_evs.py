@@ -5,13 +5,9 @@ import pytest
 import torch
 from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import compute_retention_mask
 
-from megatron_vlm.models.evs import (
-    draw_rate,
-    kept_per_frame,
-    num_kept_tokens,
-    provisional_frame_counts,
-    retention_mask,
-)
+from megatron_vlm.data.video import draw_rate
+from megatron_vlm.media_format import num_kept_tokens, provisional_frame_counts
+from megatron_vlm.models.evs import kept_per_frame, retention_mask
 
 
 @pytest.mark.parametrize("seed", range(6))

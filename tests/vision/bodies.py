@@ -72,7 +72,7 @@ def part_grad_norms(ddp_model, model) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    from megatron_vlm.models.vlm import vlm_forward_step
+    from megatron_vlm.training.vlm_step import vlm_forward_step
 
     ddp_model.zero_grad_buffer()
     get_forward_backward_func()(
@@ -96,7 +96,7 @@ def run_layout(tp: int = 1, pp: int = 1, init_ckpt: str = "", save_init: bool = 
     """Per-token losses, then one training step; save or compare the updated weights."""
     from megatron.core import parallel_state
 
-    from megatron_vlm.models.vlm import vlm_forward_step
+    from megatron_vlm.training.vlm_step import vlm_forward_step
 
     initialize_distributed(tp=tp, pp=pp)
     model = build(freeze, sequence_parallel)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from megatron_vlm.models.vlm import build_vlm, count_parameters
+from megatron_vlm.models.llm import count_parameters
+from megatron_vlm.models.vlm import build_vlm
 
 
 @pytest.fixture(scope="module")

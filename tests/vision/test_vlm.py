@@ -131,7 +131,7 @@ def test_packed_row_matches_separate_samples(model):
 
 def test_stage0_optimizer_step_updates_only_the_connector(megatron_single):
     """Megatron DDP + optimizer on a Stage 0 model: one step changes the connector only."""
-    from megatron_vlm.models.vlm import vlm_forward_step
+    from megatron_vlm.training.vlm_step import vlm_forward_step
     from megatron_vlm.training.optim import build_optimizer, wrap_with_ddp
     from megatron_vlm.training.recipe import OptimizerSection
     from megatron_vlm.training.step import train_step

@@ -5,7 +5,6 @@ switches (dtype override, init on CPU / meta) come as arguments, as for the LLM
 (``megatron_vlm.models.config``).
 """
 
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -13,40 +12,11 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_vlm.models.config import base_config_kwargs, config_fields, load_config_dict
+from megatron_vlm.models.config import base_config_kwargs, config_fields, load_radio_config
 
-_REQUIRED = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "patch_size",
-             "max_img_size", "class_token_len")
-
-_DEFAULTS = dict(
-    num_channels=3,
-    layernorm_epsilon=1e-6,
-    activation="gelu",
-    add_qkv_bias=True,
-    add_bias_linear=True,
-    # Random CPE crop in train mode (Megatron's RADIO); eval always uses the interpolated window.
-    cpe_train_crop=True,
-    init_method_std=0.02,
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
-    params_dtype="float32",
-)
-
-# transformers' "gelu" is the exact (erf) GELU, which is also megatron's default F.gelu.
+# The activations models/config.py's VISION_ACTIVATIONS allows. transformers' "gelu" is the exact
+# (erf) GELU, which is also megatron's default F.gelu.
 _ACTIVATIONS = {"gelu": F.gelu}
-
-
-def load_radio_config(name_or_path: Union[str, Path, dict]) -> dict:
-    """Tower config dict from a recipe name (``radio_tiny``), a YAML path or a dict."""
-    cfg = load_config_dict(name_or_path, _REQUIRED, _DEFAULTS, "vision tower")
-    if cfg["hidden_size"] % cfg["num_attention_heads"]:
-        raise ValueError(f"hidden_size {cfg['hidden_size']} is not divisible by "
-                         f"num_attention_heads {cfg['num_attention_heads']}")
-    if cfg["max_img_size"] % cfg["patch_size"]:
-        raise ValueError("max_img_size must be a multiple of patch_size")
-    if cfg["activation"] not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {cfg['activation']!r}")
-    return cfg
 
 
 def make_vision_transformer_config(
