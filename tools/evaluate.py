@@ -26,16 +26,11 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from megatron_vlm.known_warnings import ignore_known_noise
 
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=UserWarning)
+ignore_known_noise()
 
 # Single-process evaluation layout, whatever the stage trained at.
 EVAL_LAYOUT = ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1",
@@ -74,11 +69,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _resolve_checkpoint(path: Path):
-    from megatron_vlm.training.checkpoint import latest_checkpoint
+    """None where nothing was saved yet (``--allow-random-init``); a damaged one raises."""
+    from megatron_vlm.training.checkpoint import latest_checkpoint, resolve_checkpoint
 
     if (path / "meta.json").is_file():
-        return path
-    return latest_checkpoint(path)
+        return resolve_checkpoint(path)
+    return latest_checkpoint(path) if path.is_dir() else None
 
 
 def _saved_recipe(checkpoint, overrides):

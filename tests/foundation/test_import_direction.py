@@ -42,13 +42,7 @@ LAYER_OF_MODULE = {
 
 # Known exceptions, each owned by a named change that removes it. An entry that no longer matches
 # fails the test, so that it is dropped as soon as the import is gone.
-ALLOWED = {
-    # h14users (issue 14, user side) replaces the demo-only evaluation that builds samples with
-    # data_prep.records.
-    ("megatron_vlm.evaluation.tasks", "data_prep.records"),
-    # h14users owns tools/evaluate.py, which still puts the repository on sys.path.
-    ("tools.evaluate", "sys.path"),
-}
+ALLOWED: set = set()
 
 
 def _module_name(path: Path) -> str:
