@@ -157,25 +157,30 @@ def ssd_chunked_scan(
     Bh = Bc.repeat_interleave(heads_per_group, dim=3)  # [b, c, s, h, n]
     chunk_states = torch.einsum("bhcs,bcshn,bcshp->bchpn", decay_to_end, Bh, xdt)
 
-    # 3) Carry the state across chunks (short loop over chunks; linear in sequence length).
-    chunk_decay = torch.exp(a_cumsum[..., -1])  # [b, h, c]: decay across a whole chunk
-    if seq_idx is not None:
-        # Sequence that owns the state entering chunk c: the one of chunk c-1's last token (for
-        # chunk 0, the initial state belongs to the row's first sequence).
-        last_ids = sc[:, :, -1]
-        owner = torch.cat([sc[:, :1, 0], last_ids[:, :-1]], dim=1)  # [b, c]
-        # The carried state survives chunk c only if chunk c ends in the owner's sequence.
-        chunk_decay = chunk_decay * (last_ids == owner).unsqueeze(1)
-    state = (
+    # 3) Carry the state across chunks: entering[z] = sum_{c<z} decay(c+1..z-1) chunk_states[c]
+    #    (+ decay(0..z-1) initial). One [c+1, c+1] decay matrix per head and one einsum instead
+    #    of a Python loop over chunks, whose per-chunk select/stack backward costs O(chunks^2)
+    #    memory traffic. Index 0 of the padded axis stands for the initial state.
+    state0 = (
         initial_states.float()
         if initial_states is not None
         else xf.new_zeros(bsz, nheads, headdim, dstate)
     )
-    entering = []
-    for c in range(nchunks):
-        entering.append(state)
-        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
-    entering = torch.stack(entering, dim=1)  # [b, c, h, p, n]
+    states = torch.cat([state0.unsqueeze(1), chunk_states], dim=1)  # [b, c+1, h, p, n]
+    chunk_log_decay = F.pad(a_cumsum[..., -1], (1, 0))  # [b, h, c+1]; entry z+1 = chunk z
+    carry = torch.exp(_segsum(chunk_log_decay))  # [b, h, z, c]: decay over chunks c..z-1
+    if seq_idx is not None:
+        # Sequence that owns the state entering chunk c: the one of chunk c-1's last token (for
+        # chunk 0, the initial state belongs to the row's first sequence). A state crosses chunk
+        # z only if chunk z ends in that owner's sequence; count the chunks where it does not
+        # (exact integers) and keep a carry only over a stretch with none.
+        last_ids = sc[:, :, -1]
+        owner = torch.cat([sc[:, :1, 0], last_ids[:, :-1]], dim=1)  # [b, c]
+        breaks = F.pad((last_ids != owner).to(torch.int32).cumsum(dim=1), (1, 0))  # [b, c+1]
+        survives = breaks.unsqueeze(-1) == breaks.unsqueeze(-2)  # [b, z, c]
+        carry = carry * survives.unsqueeze(1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", carry, states)
+    entering, state = states[:, :-1], states[:, -1]  # [b, c, h, p, n], final [b, h, p, n]
 
     # 4) Output from the entering state: y_l += exp(a_cumsum[l]) C_l . state.
     Ch = Cc.repeat_interleave(heads_per_group, dim=3)  # [b, c, l, h, n]
