@@ -62,19 +62,6 @@ def _segsum(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~lower, float("-inf"))
 
 
-def _segsum_by_difference(a_cumsum: torch.Tensor) -> torch.Tensor:
-    """``_segsum`` from the cumulative sums: cumsum[i] - cumsum[j] below the diagonal, -inf above.
-
-    Three passes over [..., q, q] instead of five (and a cheap backward); it is the form
-    mamba-ssm's chunk-scan kernels use. Within one chunk the fp32 cancellation error is
-    ~1e-7 x |cumsum|, far below the tolerance of the scan against its fp64 reference.
-    """
-    q = a_cumsum.size(-1)
-    lower = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a_cumsum.device))
-    diff = a_cumsum.unsqueeze(-1) - a_cumsum.unsqueeze(-2)
-    return diff.masked_fill(~lower, float("-inf"))
-
-
 def ssd_chunked_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -133,29 +120,38 @@ def ssd_chunked_scan(
     Bc = Bf.view(bsz, nchunks, q, ngroups, dstate)
     Cc = Cf.view(bsz, nchunks, q, ngroups, dstate)
 
-    # Log-decay per step, laid out [b, h, c, q] so the chunk position is the last axis.
-    a = (dtc * Af).permute(0, 3, 1, 2)
+    # Log-decay per step, laid out [b, c, h, q]: the chunk position is the last axis and the
+    # [b, c, h, l, s] intra-chunk tensors below come out in the layout the batched matmuls want
+    # (no permuted copies of the large tensors).
+    a = (dtc * Af).transpose(2, 3)
     a_cumsum = torch.cumsum(a, dim=-1)  # decay from chunk start (exclusive) to position l
-    decay = torch.exp(_segsum_by_difference(a_cumsum))  # [b, h, c, l, s]: from s (excl.) to l
-
+    # decay(l, s) = exp(cumsum[l] - cumsum[s]) on and below the diagonal (the form mamba-ssm's
+    # kernels use; within one chunk the fp32 cancellation is far below the scan's tolerance),
+    # 0 above it and across a sequence boundary. The difference is written as a sum with the
+    # negated small tensor so that its backward needs no full-size negation, and both masks are
+    # one masked_fill before the exp (exp(-inf) = 0, with a zero gradient).
+    diff = a_cumsum.unsqueeze(-1) + (-a_cumsum).unsqueeze(-2)  # [b, c, h, l, s]
+    outside = ~torch.tril(torch.ones(q, q, dtype=torch.bool, device=diff.device))
     if seq_idx is not None:
         sc = seq_idx.view(bsz, nchunks, q)
-        same_seq = sc.unsqueeze(-1) == sc.unsqueeze(-2)  # [b, c, l, s]
-        decay = decay * same_seq.unsqueeze(1)
+        outside = outside | (sc.unsqueeze(-1) != sc.unsqueeze(-2)).unsqueeze(2)  # [b, c, 1, l, s]
+    decay = torch.exp(diff.masked_fill(outside, float("-inf")))  # [b, c, h, l, s]
 
     xdt = xc * dtc.unsqueeze(-1)  # dt_s * x_s, [b, c, s, h, p]
 
     # 1) Intra-chunk output: y_l = sum_{s<=l} (C_l . B_s) decay(l, s) dt_s x_s.
-    cb = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
-    cb = cb.repeat_interleave(heads_per_group, dim=2)  # -> heads, [b, c, h, l, s]
-    scores = cb * decay.permute(0, 2, 1, 3, 4)  # [b, c, h, l, s]
+    #    C.B is per group; it broadcasts over the heads of its group (heads are contiguous per
+    #    group) instead of being repeated to every head.
+    cb = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)  # [b, c, g, l, s]
+    scores = (decay.reshape(bsz, nchunks, ngroups, heads_per_group, q, q) * cb.unsqueeze(3)).view(
+        bsz, nchunks, nheads, q, q)
     y = torch.einsum("bchls,bcshp->bclhp", scores, xdt)
 
     # 2) State each chunk contributes at its own end: sum_s decay(end, s) B_s dt_s x_s.
     #    decay(end, s) is the last row of the intra-chunk decay (it already holds the reset mask).
-    decay_to_end = decay[..., -1, :]  # [b, h, c, s]
+    decay_to_end = decay[..., -1, :]  # [b, c, h, s]
     Bh = Bc.repeat_interleave(heads_per_group, dim=3)  # [b, c, s, h, n]
-    chunk_states = torch.einsum("bhcs,bcshn,bcshp->bchpn", decay_to_end, Bh, xdt)
+    chunk_states = torch.einsum("bchs,bcshn,bcshp->bchpn", decay_to_end, Bh, xdt)
 
     # 3) Carry the state across chunks: entering[z] = sum_{c<z} decay(c+1..z-1) chunk_states[c]
     #    (+ decay(0..z-1) initial). One [c+1, c+1] decay matrix per head and one einsum instead
@@ -167,7 +163,8 @@ def ssd_chunked_scan(
         else xf.new_zeros(bsz, nheads, headdim, dstate)
     )
     states = torch.cat([state0.unsqueeze(1), chunk_states], dim=1)  # [b, c+1, h, p, n]
-    chunk_log_decay = F.pad(a_cumsum[..., -1], (1, 0))  # [b, h, c+1]; entry z+1 = chunk z
+    # [b, h, c+1]; entry z+1 is chunk z's whole-chunk log-decay.
+    chunk_log_decay = F.pad(a_cumsum[..., -1].transpose(1, 2), (1, 0))
     carry = torch.exp(_segsum(chunk_log_decay))  # [b, h, z, c]: decay over chunks c..z-1
     if seq_idx is not None:
         # Sequence that owns the state entering chunk c: the one of chunk c-1's last token (for
@@ -184,7 +181,7 @@ def ssd_chunked_scan(
 
     # 4) Output from the entering state: y_l += exp(a_cumsum[l]) C_l . state.
     Ch = Cc.repeat_interleave(heads_per_group, dim=3)  # [b, c, l, h, n]
-    out_decay = torch.exp(a_cumsum).permute(0, 2, 3, 1)  # [b, c, l, h]
+    out_decay = torch.exp(a_cumsum).transpose(2, 3)  # [b, c, l, h]
     if seq_idx is not None:
         out_decay = out_decay * (sc == owner.unsqueeze(-1)).unsqueeze(-1)
     y = y + torch.einsum("bclhn,bchpn->bclhp", Ch, entering) * out_decay.unsqueeze(-1)
