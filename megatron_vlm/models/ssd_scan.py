@@ -149,9 +149,12 @@ def ssd_chunked_scan(
 
     # 2) State each chunk contributes at its own end: sum_s decay(end, s) B_s dt_s x_s.
     #    decay(end, s) is the last row of the intra-chunk decay (it already holds the reset mask).
-    decay_to_end = decay[..., -1, :]  # [b, c, h, s]
-    Bh = Bc.repeat_interleave(heads_per_group, dim=3)  # [b, c, s, h, n]
-    chunk_states = torch.einsum("bchs,bcshn,bcshp->bchpn", decay_to_end, Bh, xdt)
+    #    The decay is folded into B (n channels per head, fewer than x's p), broadcasting B over
+    #    its group's heads rather than repeating it.
+    decay_to_end = decay[..., -1, :].transpose(2, 3)  # [b, c, s, h]
+    Bh = (Bc.unsqueeze(4) * decay_to_end.reshape(bsz, nchunks, q, ngroups, heads_per_group, 1))
+    Bh = Bh.view(bsz, nchunks, q, nheads, dstate)  # decay(end, s) B_s, [b, c, s, h, n]
+    chunk_states = torch.einsum("bcshn,bcshp->bchpn", Bh, xdt)
 
     # 3) Carry the state across chunks: entering[z] = sum_{c<z} decay(c+1..z-1) chunk_states[c]
     #    (+ decay(0..z-1) initial). One [c+1, c+1] decay matrix per head and one einsum instead
@@ -179,12 +182,14 @@ def ssd_chunked_scan(
     states = torch.einsum("bhzc,bchpn->bzhpn", carry, states)
     entering, state = states[:, :-1], states[:, -1]  # [b, c, h, p, n], final [b, h, p, n]
 
-    # 4) Output from the entering state: y_l += exp(a_cumsum[l]) C_l . state.
-    Ch = Cc.repeat_interleave(heads_per_group, dim=3)  # [b, c, l, h, n]
+    # 4) Output from the entering state: y_l += exp(a_cumsum[l]) C_l . state (the decay folded
+    #    into C, broadcast over the group's heads like B above).
     out_decay = torch.exp(a_cumsum).transpose(2, 3)  # [b, c, l, h]
     if seq_idx is not None:
         out_decay = out_decay * (sc == owner.unsqueeze(-1)).unsqueeze(-1)
-    y = y + torch.einsum("bclhn,bchpn->bclhp", Ch, entering) * out_decay.unsqueeze(-1)
+    Ch = Cc.unsqueeze(4) * out_decay.reshape(bsz, nchunks, q, ngroups, heads_per_group, 1)
+    Ch = Ch.view(bsz, nchunks, q, nheads, dstate)  # [b, c, l, h, n]
+    y = y + torch.einsum("bclhn,bchpn->bclhp", Ch, entering)
 
     y = y.reshape(bsz, nchunks * q, nheads, headdim)[:, :seqlen]
     if D is not None:
