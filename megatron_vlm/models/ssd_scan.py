@@ -137,7 +137,9 @@ def ssd_chunked_scan(
         outside = outside | (sc.unsqueeze(-1) != sc.unsqueeze(-2)).unsqueeze(2)  # [b, c, 1, l, s]
     decay = torch.exp(diff.masked_fill(outside, float("-inf")))  # [b, c, h, l, s]
 
-    xdt = xc * dtc.unsqueeze(-1)  # dt_s * x_s, [b, c, s, h, p]
+    # dt_s * x_s, made contiguous once as [b, c, h, s, p]: the layout of the batched matmuls
+    # below, which would otherwise each copy a permuted view (forward and backward).
+    xdt = (xc * dtc.unsqueeze(-1)).transpose(2, 3).contiguous()
 
     # 1) Intra-chunk output: y_l = sum_{s<=l} (C_l . B_s) decay(l, s) dt_s x_s.
     #    C.B is per group; it broadcasts over the heads of its group (heads are contiguous per
@@ -145,16 +147,20 @@ def ssd_chunked_scan(
     cb = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)  # [b, c, g, l, s]
     scores = (decay.reshape(bsz, nchunks, ngroups, heads_per_group, q, q) * cb.unsqueeze(3)).view(
         bsz, nchunks, nheads, q, q)
-    y = torch.einsum("bchls,bcshp->bclhp", scores, xdt)
+    y = torch.matmul(scores, xdt)  # [b, c, h, l, p]
 
     # 2) State each chunk contributes at its own end: sum_s decay(end, s) B_s dt_s x_s.
-    #    decay(end, s) is the last row of the intra-chunk decay (it already holds the reset mask).
+    #    decay(end, s) is the last row of the intra-chunk decay, computed on its own (the same
+    #    floats): selecting it from ``decay`` would cost a full-size zero fill in the backward.
     #    The decay is folded into B (n channels per head, fewer than x's p), broadcasting B over
     #    its group's heads rather than repeating it.
-    decay_to_end = decay[..., -1, :].transpose(2, 3)  # [b, c, s, h]
-    Bh = (Bc.unsqueeze(4) * decay_to_end.reshape(bsz, nchunks, q, ngroups, heads_per_group, 1))
-    Bh = Bh.view(bsz, nchunks, q, nheads, dstate)  # decay(end, s) B_s, [b, c, s, h, n]
-    chunk_states = torch.einsum("bcshn,bcshp->bchpn", Bh, xdt)
+    to_end = a_cumsum[..., -1:] + (-a_cumsum)  # [b, c, h, s]
+    if seq_idx is not None:
+        to_end = to_end.masked_fill((sc[..., -1:] != sc).unsqueeze(2), float("-inf"))
+    decay_to_end = torch.exp(to_end).view(bsz, nchunks, ngroups, heads_per_group, q, 1)
+    Bg = Bc.permute(0, 1, 3, 2, 4).unsqueeze(3)  # [b, c, g, 1, s, n]
+    Bh = (Bg * decay_to_end).reshape(bsz, nchunks, nheads, q, dstate)  # [b, c, h, s, n]
+    chunk_states = torch.matmul(xdt.transpose(-1, -2), Bh)  # [b, c, h, p, n]
 
     # 3) Carry the state across chunks: entering[z] = sum_{c<z} decay(c+1..z-1) chunk_states[c]
     #    (+ decay(0..z-1) initial). One [c+1, c+1] decay matrix per head and one einsum instead
@@ -184,14 +190,15 @@ def ssd_chunked_scan(
 
     # 4) Output from the entering state: y_l += exp(a_cumsum[l]) C_l . state (the decay folded
     #    into C, broadcast over the group's heads like B above).
-    out_decay = torch.exp(a_cumsum).transpose(2, 3)  # [b, c, l, h]
+    out_decay = torch.exp(a_cumsum)  # [b, c, h, l]
     if seq_idx is not None:
-        out_decay = out_decay * (sc == owner.unsqueeze(-1)).unsqueeze(-1)
-    Ch = Cc.unsqueeze(4) * out_decay.reshape(bsz, nchunks, q, ngroups, heads_per_group, 1)
-    Ch = Ch.view(bsz, nchunks, q, nheads, dstate)  # [b, c, l, h, n]
-    y = y + torch.einsum("bclhn,bchpn->bclhp", Ch, entering)
+        out_decay = out_decay * (sc == owner.unsqueeze(-1)).unsqueeze(2)
+    out_decay = out_decay.view(bsz, nchunks, ngroups, heads_per_group, q, 1)
+    Cg = Cc.permute(0, 1, 3, 2, 4).unsqueeze(3)  # [b, c, g, 1, l, n]
+    Ch = (Cg * out_decay).reshape(bsz, nchunks, nheads, q, dstate)  # [b, c, h, l, n]
+    y = y + torch.matmul(Ch, entering.transpose(-1, -2))  # [b, c, h, l, p]
 
-    y = y.reshape(bsz, nchunks * q, nheads, headdim)[:, :seqlen]
+    y = y.transpose(2, 3).reshape(bsz, nchunks * q, nheads, headdim)[:, :seqlen]
     if D is not None:
         y = y + xf[:, :seqlen] * D.float().view(1, 1, nheads, 1)
     y = y.to(out_dtype)
