@@ -10,11 +10,12 @@ h -> group h // (heads / groups), as in mamba-ssm and `transformers`).
 
 `ssd_chunked_scan` evaluates it in the chunked "SSD" form: the sequence is cut into chunks of
 `chunk_size`; inside a chunk the output is a masked, decayed attention-like product (quadratic in
-the chunk length only), and chunk-to-chunk state is carried by a short loop over chunks, so the
-cost is linear in sequence length. Packed sequences are handled through `seq_idx` (one id per
-token): the state is reset wherever the id changes, i.e. no information crosses a boundary. The
-reset is applied with masks rather than by putting -inf into the log-decay, because the chunk
-formulas subtract cumulative sums and an infinite (or huge) decay would destroy their precision.
+the chunk length only), and chunk-to-chunk state is carried by one small [chunks, chunks] decay
+matrix per head (quadratic in the number of chunks only, a small term next to the rest). Packed
+sequences are handled through `seq_idx` (one id per token): the state is reset wherever the id
+changes, i.e. no information crosses a boundary. The reset is applied with masks on the decay
+differences rather than by putting -inf into the per-step log-decay, because the chunk formulas
+subtract cumulative sums and an infinite (or huge) decay inside them would destroy their precision.
 
 `ssd_reference_scan` is the token-by-token recurrence above; it exists as the test oracle.
 """
