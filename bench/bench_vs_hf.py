@@ -80,7 +80,7 @@ def summary(work: float, ta, tb):
 
 
 def cpu_has_bf16() -> bool:
-    """True when oneDNN runs bf16 natively here (AVX512-BF16 / AMX), so the bf16 rows mean something."""
+    """True when oneDNN runs bf16 natively here (AVX512-BF16 / AMX): the bf16 rows mean something."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -125,7 +125,8 @@ def bench_train(ours, hf, cfg, lengths, repeats, bf16: bool = False):
         ta, tb = interleaved(step_ours, step_hf, repeats if L < 16384 else max(2, repeats - 1))
         row = (L, abs(la - lb)) + summary(L, ta, tb)
         rows.append(row)
-        print(f"train{' bf16' if bf16 else ''} L={L}: ours {row[2]:,.0f} tok/s, transformers {row[3]:,.0f} tok/s, "
+        tag = " bf16" if bf16 else ""
+        print(f"train{tag} L={L}: ours {row[2]:,.0f} tok/s, transformers {row[3]:,.0f} tok/s, "
               f"ratio {row[4]:.2f} [{row[5]:.2f}, {row[6]:.2f}], |loss diff| {row[1]:.1e}", flush=True)
     return rows
 
