@@ -80,7 +80,7 @@ def summary(work: float, ta, tb):
 
 
 def cpu_has_bf16() -> bool:
-    """True when oneDNN runs bf16 natively (AVX512-BF16 / AMX): then the bf16 rows mean something."""
+    """True when oneDNN runs bf16 natively (AVX512-BF16 or AMX), so the bf16 rows mean something."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
