@@ -4,7 +4,10 @@ Two comparisons of the tiny Nemotron-H (fp32, CPU, batch 1):
 
 1. training step (forward, backward, AdamW) at 1K / 4K / 16K tokens: ours (megatron-core
    ``MambaModel`` with the local specs) vs ``NemotronHForCausalLM`` in a plain PyTorch loop,
-   both with ``torch.optim.AdamW``; the first step's losses are checked equal;
+   both with ``torch.optim.AdamW``; the first step's losses are checked equal; plus, where the
+   CPU has bf16 (``--bf16-lengths``), the same step under ``torch.autocast("cpu", bfloat16)``
+   for both (forward and backward inside autocast: megatron's linear layers run their backward
+   matmuls as ordinary ops, which autocast must also cover), a row of its own;
 2. greedy generation, 512-token prompt + 64 new tokens: ours with the decode state
    (``megatron_vlm.evaluation.generate.greedy_generate``) vs ``generate(use_cache=True)``;
    the generated tokens are checked equal;
@@ -26,6 +29,7 @@ gives wall-clock rates.
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 import warnings
@@ -162,10 +166,24 @@ def summary(work: float, ta, tb):
     return work / ma, work / mb, mb / ma, min(pairs), max(pairs)
 
 
-def bench_train(ours, hf, cfg, lengths, repeats):
+def cpu_has_bf16() -> bool:
+    """True when oneDNN runs bf16 natively (AVX512-BF16 or AMX), so the bf16 rows mean something."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def bench_train(ours, hf, cfg, lengths, repeats, bf16: bool = False):
     opt_a = torch.optim.AdamW(ours.parameters(), lr=1e-5)
     opt_b = torch.optim.AdamW(hf.parameters(), lr=1e-5)
     ours.train(), hf.train()
+
+    def precision():
+        if bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     rows = []
     for L in lengths:
         ids = torch.randint(0, cfg["vocab_size"], (1, L), generator=torch.Generator().manual_seed(L))
@@ -173,26 +191,29 @@ def bench_train(ours, hf, cfg, lengths, repeats):
 
         def step_ours():
             opt_a.zero_grad(set_to_none=True)
-            loss = ours(ids, None, None, labels=labels)[:, :-1].mean()  # HF predicts L-1 tokens
-            loss.backward()
+            with precision():
+                loss = ours(ids, None, None, labels=labels)[:, :-1].mean()  # HF predicts L-1 tokens
+                loss.backward()
             opt_a.step()
             return loss.item()
 
         def step_hf():
             opt_b.zero_grad(set_to_none=True)
-            loss = hf(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
+            with precision():
+                loss = hf(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
             opt_b.step()
             return loss.item()
 
         # Same weights before the first step: the losses must agree.
-        with torch.no_grad():
+        with torch.no_grad(), precision():
             la = ours(ids, None, None, labels=labels)[:, :-1].mean().item()
             lb = hf(input_ids=ids, labels=ids, use_cache=False).loss.item()
         ta, tb = interleaved(step_ours, step_hf, repeats if L < 16384 else max(2, repeats - 1))
         row = (L, abs(la - lb)) + summary(L, ta, tb)
         rows.append(row)
-        print(f"train L={L}: ours {row[2]:,.0f} tok/s, transformers {row[3]:,.0f} tok/s, "
+        tag = " bf16" if bf16 else ""
+        print(f"train{tag} L={L}: ours {row[2]:,.0f} tok/s, transformers {row[3]:,.0f} tok/s, "
               f"ratio {row[4]:.2f} [{row[5]:.2f}, {row[6]:.2f}], |loss diff| {row[1]:.1e}", flush=True)
     return rows
 
@@ -237,6 +258,9 @@ def main():
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--vlm-lengths", type=int, nargs="*", default=[1024, 4096],
                     help="VLM training-step lengths (none: skip the VLM rows)")
+    ap.add_argument("--bf16-lengths", type=int, nargs="*", default=[4096],
+                    help="lengths of the bf16-autocast training rows (none: skip; skipped anyway "
+                         "when the CPU has no native bf16)")
     args = ap.parse_args()
     global CLOCK
     args.cpu_time = not args.wall_time
@@ -258,6 +282,9 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             vcfg, ids, vours, vhf = build_vlm_pair(max(args.vlm_lengths), Path(tmp))
             train_vlm = bench_train_vlm(vours, vhf, vcfg, ids, args.vlm_lengths, args.repeats)
+    bf16_rows = []
+    if args.bf16_lengths and cpu_has_bf16():
+        bf16_rows = bench_train(ours, hf, cfg, args.bf16_lengths, args.repeats, bf16=True)
     destroy_distributed()
 
     k = lambda L: f"{L // 1024}K" if L % 1024 == 0 else str(L)  # noqa: E731
@@ -276,6 +303,10 @@ def main():
     for L, diff, a, b, r, lo, hi in train_vlm:
         lines.append(f"| training step {k(L)} VLM (half image tokens, 128 px tiles; vs "
                      f"nemotron_h_omni) | {a:,.0f} | {b:,.0f} | {r:.2f}x | {lo:.2f}-{hi:.2f} | "
+                     f"first-step loss diff {diff:.1e} |")
+    for L, diff, a, b, r, lo, hi in bf16_rows:
+        lines.append(f"| training step {k(L)}, bf16 autocast (fwd+bwd; fp32 weights and AdamW) | "
+                     f"{a:,.0f} | {b:,.0f} | {r:.2f}x | {lo:.2f}-{hi:.2f} | "
                      f"first-step loss diff {diff:.1e} |")
     if gen:
         p, n, same, a, b, r, lo, hi = gen

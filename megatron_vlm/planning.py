@@ -269,9 +269,10 @@ def mamba_activation_bytes(shape: ModelShape, L: Layout, s: int, b: int) -> floa
         (tok * proj, a),                            # in_proj output (conv input view)
         (b * conv * (s + m["kernel"] - 1), a),      # padded conv output (silu input)
         (tok * conv, a),                            # silu output: x, B, C
-        (3 * b * H * c * q * q, f),                 # decay, C.B per head, scores
-        (8 * tok * di, f),                          # x dt, bmm operands, gated norm, out_proj input
-        (3 * tok * H * N, f),                       # B, C repeated to heads
+        (2 * b * H * c * q * q, f),                 # decay, scores (per head)
+        (b * G * c * q * q, f),                     # C.B (per group)
+        (6 * tok * di, f),                          # x dt, gated norm, out_proj input
+        (2 * tok * H * N, f),                       # B, C with their decays, per head
         (2 * tok * G * N, f),                       # B, C operands of C.B
         ((2 * c + 1) * b * H * P * N, f),           # chunk states entering / carried
         (3 * tok * H + tok * G + b * H * c + 2 * H, f),  # dt, decay sums, norm rstd

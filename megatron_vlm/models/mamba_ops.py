@@ -54,7 +54,9 @@ def causal_conv1d_silu(
         return out.transpose(1, 2)
     if seq_idx is None:
         out = F.conv1d(x.transpose(1, 2), weight.unsqueeze(1), bias, padding=k - 1, groups=dim)
-        return F.silu(out[..., :seqlen]).transpose(1, 2)
+        # Back to contiguous [b, l, d] before the SiLU: its backward then runs on matching
+        # layouts, and the head reshapes downstream are views instead of copies.
+        return F.silu(out[..., :seqlen].transpose(1, 2).contiguous())
     # Packed: sum of k shifted taps, each masked where the shifted token is in another sequence.
     xp = F.pad(x, (0, 0, k - 1, 0))
     ids = F.pad(seq_idx, (k - 1, 0), value=-1)  # -1 never equals a real id

@@ -10,11 +10,12 @@ h -> group h // (heads / groups), as in mamba-ssm and `transformers`).
 
 `ssd_chunked_scan` evaluates it in the chunked "SSD" form: the sequence is cut into chunks of
 `chunk_size`; inside a chunk the output is a masked, decayed attention-like product (quadratic in
-the chunk length only), and chunk-to-chunk state is carried by a short loop over chunks, so the
-cost is linear in sequence length. Packed sequences are handled through `seq_idx` (one id per
-token): the state is reset wherever the id changes, i.e. no information crosses a boundary. The
-reset is applied with masks rather than by putting -inf into the log-decay, because the chunk
-formulas subtract cumulative sums and an infinite (or huge) decay would destroy their precision.
+the chunk length only), and chunk-to-chunk state is carried by one small [chunks, chunks] decay
+matrix per head (quadratic in the number of chunks only, a small term next to the rest). Packed
+sequences are handled through `seq_idx` (one id per token): the state is reset wherever the id
+changes, i.e. no information crosses a boundary. The reset is applied with masks on the decay
+differences rather than by putting -inf into the per-step log-decay, because the chunk formulas
+subtract cumulative sums and an infinite (or huge) decay inside them would destroy their precision.
 
 `ssd_reference_scan` is the token-by-token recurrence above; it exists as the test oracle.
 """
@@ -62,19 +63,6 @@ def _segsum(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~lower, float("-inf"))
 
 
-def _segsum_by_difference(a_cumsum: torch.Tensor) -> torch.Tensor:
-    """``_segsum`` from the cumulative sums: cumsum[i] - cumsum[j] below the diagonal, -inf above.
-
-    Three passes over [..., q, q] instead of five (and a cheap backward); it is the form
-    mamba-ssm's chunk-scan kernels use. Within one chunk the fp32 cancellation error is
-    ~1e-7 x |cumsum|, far below the tolerance of the scan against its fp64 reference.
-    """
-    q = a_cumsum.size(-1)
-    lower = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a_cumsum.device))
-    diff = a_cumsum.unsqueeze(-1) - a_cumsum.unsqueeze(-2)
-    return diff.masked_fill(~lower, float("-inf"))
-
-
 def _pad_to_chunks(x, dt, B, C, seq_idx, chunk_size: int):
     """Zero-pad the sequence axis (1) to a multiple of ``chunk_size``: exact, as padded steps have
     dt = 0; the padding continues the last sequence of ``seq_idx``."""
@@ -85,21 +73,6 @@ def _pad_to_chunks(x, dt, B, C, seq_idx, chunk_size: int):
         seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(x.shape[0], pad)], dim=1)
     return (F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad)),
             F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad)), seq_idx)
-
-
-def _carry_states(a_cumsum, chunk_states, initial_state, chunk_seq_ids, owner):
-    """States entering each chunk [b, c, h, p, n] and the final state [b, h, p, n]: a short loop
-    over chunks (linear in sequence length). With packed sequences (``chunk_seq_ids`` [b, c, q],
-    ``owner`` [b, c]: the sequence a chunk's entering state belongs to), the carried state
-    survives chunk c only if chunk c ends in the owner's sequence."""
-    chunk_decay = torch.exp(a_cumsum[..., -1])  # [b, h, c]: decay across a whole chunk
-    if chunk_seq_ids is not None:
-        chunk_decay = chunk_decay * (chunk_seq_ids[:, :, -1] == owner).unsqueeze(1)
-    state, entering = initial_state, []
-    for c in range(chunk_states.shape[1]):
-        entering.append(state)
-        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
-    return torch.stack(entering, dim=1), state
 
 
 def ssd_chunked_scan(
@@ -151,49 +124,85 @@ def ssd_chunked_scan(
     Bc = Bf.view(bsz, nchunks, q, ngroups, dstate)
     Cc = Cf.view(bsz, nchunks, q, ngroups, dstate)
 
-    # Log-decay per step, laid out [b, h, c, q] so the chunk position is the last axis.
-    a = (dtc * Af).permute(0, 3, 1, 2)
+    # Log-decay per step, laid out [b, c, h, q]: the chunk position is the last axis and the
+    # [b, c, h, l, s] intra-chunk tensors below come out in the layout the batched matmuls want
+    # (no permuted copies of the large tensors).
+    a = (dtc * Af).transpose(2, 3)
     a_cumsum = torch.cumsum(a, dim=-1)  # decay from chunk start (exclusive) to position l
-    decay = torch.exp(_segsum_by_difference(a_cumsum))  # [b, h, c, l, s]: from s (excl.) to l
-
+    # decay(l, s) = exp(cumsum[l] - cumsum[s]) on and below the diagonal (the form mamba-ssm's
+    # kernels use; within one chunk the fp32 cancellation is far below the scan's tolerance),
+    # 0 above it and across a sequence boundary. The difference is written as a sum with the
+    # negated small tensor so that its backward needs no full-size negation, and both masks are
+    # one masked_fill before the exp (exp(-inf) = 0, with a zero gradient).
+    diff = a_cumsum.unsqueeze(-1) + (-a_cumsum).unsqueeze(-2)  # [b, c, h, l, s]
+    outside = ~torch.tril(torch.ones(q, q, dtype=torch.bool, device=diff.device))
     if seq_idx is not None:
         sc = seq_idx.view(bsz, nchunks, q)
-        same_seq = sc.unsqueeze(-1) == sc.unsqueeze(-2)  # [b, c, l, s]
-        decay = decay * same_seq.unsqueeze(1)
+        outside = outside | (sc.unsqueeze(-1) != sc.unsqueeze(-2)).unsqueeze(2)  # [b, c, 1, l, s]
+    decay = torch.exp(diff.masked_fill(outside, float("-inf")))  # [b, c, h, l, s]
 
-    xdt = xc * dtc.unsqueeze(-1)  # dt_s * x_s, [b, c, s, h, p]
+    # dt_s * x_s, made contiguous once as [b, c, h, s, p]: the layout of the batched matmuls
+    # below, which would otherwise each copy a permuted view (forward and backward).
+    xdt = (xc * dtc.unsqueeze(-1)).transpose(2, 3).contiguous()
 
     # 1) Intra-chunk output: y_l = sum_{s<=l} (C_l . B_s) decay(l, s) dt_s x_s.
-    cb = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
-    cb = cb.repeat_interleave(heads_per_group, dim=2)  # -> heads, [b, c, h, l, s]
-    scores = cb * decay.permute(0, 2, 1, 3, 4)  # [b, c, h, l, s]
-    y = torch.einsum("bchls,bcshp->bclhp", scores, xdt)
+    #    C.B is per group; it broadcasts over the heads of its group (heads are contiguous per
+    #    group) instead of being repeated to every head.
+    cb = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)  # [b, c, g, l, s]
+    scores = (decay.reshape(bsz, nchunks, ngroups, heads_per_group, q, q) * cb.unsqueeze(3)).view(
+        bsz, nchunks, nheads, q, q)
+    y = torch.matmul(scores, xdt)  # [b, c, h, l, p]
 
     # 2) State each chunk contributes at its own end: sum_s decay(end, s) B_s dt_s x_s.
-    #    decay(end, s) is the last row of the intra-chunk decay (it already holds the reset mask).
-    decay_to_end = decay[..., -1, :]  # [b, h, c, s]
-    Bh = Bc.repeat_interleave(heads_per_group, dim=3)  # [b, c, s, h, n]
-    chunk_states = torch.einsum("bhcs,bcshn,bcshp->bchpn", decay_to_end, Bh, xdt)
+    #    decay(end, s) is the last row of the intra-chunk decay, computed on its own (the same
+    #    floats): selecting it from ``decay`` would cost a full-size zero fill in the backward.
+    #    The decay is folded into B (n channels per head, fewer than x's p), broadcasting B over
+    #    its group's heads rather than repeating it.
+    to_end = a_cumsum[..., -1:] + (-a_cumsum)  # [b, c, h, s]
+    if seq_idx is not None:
+        to_end = to_end.masked_fill((sc[..., -1:] != sc).unsqueeze(2), float("-inf"))
+    decay_to_end = torch.exp(to_end).view(bsz, nchunks, ngroups, heads_per_group, q, 1)
+    Bg = Bc.permute(0, 1, 3, 2, 4).unsqueeze(3)  # [b, c, g, 1, s, n]
+    Bh = (Bg * decay_to_end).reshape(bsz, nchunks, nheads, q, dstate)  # [b, c, h, s, n]
+    chunk_states = torch.matmul(xdt.transpose(-1, -2), Bh)  # [b, c, h, p, n]
 
-    # 3) Carry the state across chunks.
-    owner = None
+    # 3) Carry the state across chunks: entering[z] = sum_{c<z} decay(c+1..z-1) chunk_states[c]
+    #    (+ decay(0..z-1) initial). One [c+1, c+1] decay matrix per head and one einsum instead
+    #    of a Python loop over chunks, whose per-chunk select/stack backward costs O(chunks^2)
+    #    memory traffic. Index 0 of the padded axis stands for the initial state.
+    state0 = (
+        initial_states.float()
+        if initial_states is not None
+        else xf.new_zeros(bsz, nheads, headdim, dstate)
+    )
+    states = torch.cat([state0.unsqueeze(1), chunk_states], dim=1)  # [b, c+1, h, p, n]
+    # [b, h, c+1]; entry z+1 is chunk z's whole-chunk log-decay.
+    chunk_log_decay = F.pad(a_cumsum[..., -1].transpose(1, 2), (1, 0))
+    carry = torch.exp(_segsum(chunk_log_decay))  # [b, h, z, c]: decay over chunks c..z-1
     if seq_idx is not None:
         # Sequence that owns the state entering chunk c: the one of chunk c-1's last token (for
-        # chunk 0, the initial state belongs to the row's first sequence).
-        owner = torch.cat([sc[:, :1, 0], sc[:, :-1, -1]], dim=1)  # [b, c]
-    if initial_states is None:
-        initial_states = xf.new_zeros(bsz, nheads, headdim, dstate)
-    entering, state = _carry_states(a_cumsum, chunk_states, initial_states.float(),
-                                    None if seq_idx is None else sc, owner)
+        # chunk 0, the initial state belongs to the row's first sequence). A state crosses chunk
+        # z only if chunk z ends in that owner's sequence; count the chunks where it does not
+        # (exact integers) and keep a carry only over a stretch with none.
+        last_ids = sc[:, :, -1]
+        owner = torch.cat([sc[:, :1, 0], last_ids[:, :-1]], dim=1)  # [b, c]
+        breaks = F.pad((last_ids != owner).to(torch.int32).cumsum(dim=1), (1, 0))  # [b, c+1]
+        survives = breaks.unsqueeze(-1) == breaks.unsqueeze(-2)  # [b, z, c]
+        carry = carry * survives.unsqueeze(1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", carry, states)
+    entering, state = states[:, :-1], states[:, -1]  # [b, c, h, p, n], final [b, h, p, n]
 
-    # 4) Output from the entering state: y_l += exp(a_cumsum[l]) C_l . state.
-    Ch = Cc.repeat_interleave(heads_per_group, dim=3)  # [b, c, l, h, n]
-    out_decay = torch.exp(a_cumsum).permute(0, 2, 3, 1)  # [b, c, l, h]
+    # 4) Output from the entering state: y_l += exp(a_cumsum[l]) C_l . state (the decay folded
+    #    into C, broadcast over the group's heads like B above).
+    out_decay = torch.exp(a_cumsum)  # [b, c, h, l]
     if seq_idx is not None:
-        out_decay = out_decay * (sc == owner.unsqueeze(-1)).unsqueeze(-1)
-    y = y + torch.einsum("bclhn,bchpn->bclhp", Ch, entering) * out_decay.unsqueeze(-1)
+        out_decay = out_decay * (sc == owner.unsqueeze(-1)).unsqueeze(2)
+    out_decay = out_decay.view(bsz, nchunks, ngroups, heads_per_group, q, 1)
+    Cg = Cc.permute(0, 1, 3, 2, 4).unsqueeze(3)  # [b, c, g, 1, l, n]
+    Ch = (Cg * out_decay).reshape(bsz, nchunks, nheads, q, dstate)  # [b, c, h, l, n]
+    y = y + torch.matmul(Ch, entering.transpose(-1, -2))  # [b, c, h, l, p]
 
-    y = y.reshape(bsz, nchunks * q, nheads, headdim)[:, :seqlen]
+    y = y.transpose(2, 3).reshape(bsz, nchunks * q, nheads, headdim)[:, :seqlen]
     if D is not None:
         y = y + xf[:, :seqlen] * D.float().view(1, 1, nheads, 1)
     y = y.to(out_dtype)
