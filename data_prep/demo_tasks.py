@@ -100,24 +100,20 @@ def _light(rng: random.Random) -> tuple:
     return tuple(rng.randint(220, 255) for _ in range(3))
 
 
-def _dark(rng: random.Random) -> tuple:
-    return COLOURS[rng.choice(("black", "blue", "brown", "purple"))]
-
-
 def _record(task: str, rid: str, rec: dict) -> dict:
     return {"id": rid, "task": task, "answer": rec["messages"][-1]["content"], **rec}
 
 
 # ---- OCR ---------------------------------------------------------------------------------------
 def make_ocr(rng: random.Random, n: int, image_dir: str, prefix: str) -> list[dict]:
-    """One large digit filling a 64 px tile, in a random DejaVu face, ink and position jitter."""
+    """One large bold digit filling a 64 px tile, dark on light, with a little jitter."""
     records = []
     for i in range(n):
         digit = rng.choice(DIGITS)
         img = Image.new("RGB", (64, 64), _light(rng))
         d = ImageDraw.Draw(img)
-        d.text((32 + rng.randint(-3, 3), 32 + rng.randint(-3, 3)), digit,
-               font=font(rng.choice(FONT_FILES[:3]), rng.randint(44, 54)), fill=_dark(rng), anchor="mm")
+        d.text((32 + rng.randint(-2, 2), 32 + rng.randint(-2, 2)), digit,
+               font=font("DejaVuSans-Bold.ttf", 52), fill=(rng.randint(0, 40),) * 3, anchor="mm")
         path = _save(img, image_dir, f"{prefix}{i:06d}.png")
         records.append(_record("ocr", f"{prefix}{i:06d}", chat("What digit is in the image?", digit, [path])))
     return records
