@@ -13,7 +13,7 @@ from a small closed set, so that minutes of CPU training show each stage's abili
 Tasks:
 - ocr: one large digit on a 64 px tile; read it (chance 1/10).
 - chart: four bars of four colours; name the colour of the tallest (1/4).
-- table: a 2 x 2 grid of digits; read the digit of one cell (1/10).
+- table: a one-row table of two digits; read the left or the right cell (1/10).
 - multi_image: two tiles of different colours; name the colour of the first or second (1/6).
 - video: encoded clips (H.264 / VP9, 4-8 s, mixed frame rates, one variable) of a ball
   crossing a static background; name its direction (1/4).
@@ -22,7 +22,7 @@ Tasks:
 - code: chunks of the running interpreter's standard library, as plain ``text`` documents; eval
   asks for the next line of a held-out chunk (chance 0).
 - needle / needle_short: a long (~800 tokens) or short (~150 tokens) filler document hiding one
-  secret word; ask for it (1/16). Only Stage 4 trains on needles, at the long length.
+  secret word; ask for it (1/16). Only Stage 4 trains on needles.
 """
 
 from __future__ import annotations
@@ -139,24 +139,25 @@ def make_chart(rng: random.Random, n: int, image_dir: str, prefix: str) -> list[
     return records
 
 
-CELLS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+CELLS = ("left", "right")
 
 
 def make_table(rng: random.Random, n: int, image_dir: str, prefix: str) -> list[dict]:
-    """A 2 x 2 grid of digits: each 32 px cell is exactly one image token of the tiny model."""
+    """A one-row table of two large digits: each 32 px column is two image tokens of the tiny
+    model; read the left or the right cell."""
     records = []
     for i in range(n):
-        digits = [rng.choice(DIGITS) for _ in range(4)]
+        digits = [rng.choice(DIGITS) for _ in CELLS]
         img = Image.new("RGB", (64, 64), "white")
         d = ImageDraw.Draw(img)
-        d.line((32, 0, 32, 63), fill=(120, 120, 120))
-        d.line((0, 32, 63, 32), fill=(120, 120, 120))
-        f = font("DejaVuSans-Bold.ttf", 26)
-        for k, (cx, cy) in enumerate(CELLS.values()):
-            d.text((cx * 32 + 16, cy * 32 + 17), digits[k], font=f, fill="black", anchor="mm")
+        d.rectangle((0, 4, 63, 59), outline=(120, 120, 120))
+        d.line((32, 4, 32, 59), fill=(120, 120, 120))
+        f = font("DejaVuSans-Bold.ttf", 40)
+        for k, digit in enumerate(digits):
+            d.text((k * 32 + 16, 32), digit, font=f, fill="black", anchor="mm")
         path = _save(img, image_dir, f"{prefix}{i:06d}.png")
-        k = rng.randrange(4)
-        rec = chat(f"What number is in the {list(CELLS)[k]} cell of the table?", digits[k], [path])
+        k = rng.randrange(len(CELLS))
+        rec = chat(f"What number is in the {CELLS[k]} cell of the table?", digits[k], [path])
         records.append(_record("table", f"{prefix}{i:06d}", rec))
     return records
 

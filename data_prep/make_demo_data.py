@@ -34,8 +34,7 @@ from . import demo_tasks
 from .build_shards import build_shards
 from .train_tokenizer import record_texts, train_bpe
 
-# task -> (train count, eval count, suggested blend weight) at scale 1; needle_short is only
-# evaluated (the short control of the needle task), its few training records go unused.
+# task -> (train count, eval count, suggested blend weight) at scale 1
 TASKS = {
     "ocr": (3000, 100, 1.0),
     "chart": (2000, 100, 1.0),
@@ -45,7 +44,7 @@ TASKS = {
     "text": (3000, 100, 1.0),
     "code": (1500, 100, 1.0),
     "needle": (600, 50, 1.0),
-    "needle_short": (20, 50, 1.0),
+    "needle_short": (1500, 50, 1.0),
 }
 
 
