@@ -36,14 +36,15 @@ from .train_tokenizer import record_texts, train_bpe
 
 # task -> (train count, eval count, suggested blend weight) at scale 1
 TASKS = {
-    "ocr": (3000, 200, 3.0),
-    "chart": (1500, 150, 1.0),
-    "table": (1000, 100, 1.0),
-    "multi_image": (1000, 100, 1.0),
-    "video": (600, 60, 1.0),
-    "text": (3000, 200, 2.0),
+    "ocr": (3000, 100, 1.0),
+    "chart": (2000, 100, 1.0),
+    "table": (2000, 100, 1.0),
+    "multi_image": (2000, 100, 1.0),
+    "video": (800, 60, 1.0),
+    "text": (3000, 100, 1.0),
     "code": (1500, 100, 1.0),
-    "needle": (400, 50, 1.0),
+    "needle": (600, 50, 1.0),
+    "needle_short": (1500, 50, 1.0),
 }
 
 
@@ -66,11 +67,12 @@ def generate_task(task: str, n_train: int, n_eval: int, task_dir: str, seed: int
     image_dir = os.path.join(task_dir, "images")
     if task == "code":
         return demo_tasks.make_code(_task_rng(seed, task, "all"), n_train, n_eval)
-    if task in ("text", "needle"):
+    if task in ("text", "needle", "needle_short"):
         def make(rng, n, prefix):
             if task == "text":
                 return demo_tasks.make_text(rng, n, None, prefix)
-            return demo_tasks.make_needle(rng, n, needle_words[0], needle_words[1], prefix)
+            words = needle_words if task == "needle" else demo_tasks.NEEDLE_SHORT_WORDS
+            return demo_tasks.make_needle(rng, n, words[0], words[1], prefix, task)
 
         evals = make(_task_rng(seed, task, "eval"), n_eval, f"{task}eval")
         held_out = {_question(r) for r in evals}
@@ -90,7 +92,7 @@ def generate_task(task: str, n_train: int, n_eval: int, task_dir: str, seed: int
 
 def make_demo_data(out: str, seed: int = 0, scale: float = 1.0, tiling: TilingConfig = TilingConfig(64, 1, 6, True),
                    vocab_size: int = 4096, workers: int = 1, samples_per_shard: int = 256,
-                   needle_words: tuple[int, int] = (150, 700), tasks: list[str] | None = None,
+                   needle_words: tuple[int, int] = (600, 700), tasks: list[str] | None = None,
                    log=None) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr))
     start = time.perf_counter()
@@ -145,8 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--samples-per-shard", type=int, default=256)
-    p.add_argument("--needle-words", type=int, nargs=2, default=(150, 700), metavar=("MIN", "MAX"),
-                   help="filler words per needle document (700 words is about 850 tokens)")
+    p.add_argument("--needle-words", type=int, nargs=2, default=(600, 700), metavar=("MIN", "MAX"),
+                   help="filler words per (long) needle document (700 words is about 850 tokens)")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None)
     args = p.parse_args(argv)
     tiling = TilingConfig(args.tile_size, 1, args.max_tiles, not args.no_thumbnail)

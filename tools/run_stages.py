@@ -57,6 +57,7 @@ def evaluate_stage(recipe_file: Path, workdir: Path, extra: list[str], scores: P
     print(f"== {recipe_file.stem}: evaluating tasks", flush=True)
     cmd = [sys.executable, "-m", "tools.evaluate", "--recipe", str(recipe_file),
            "--checkpoint", str(workdir / recipe_file.stem), "--out", str(scores),
+           "--limit", str(EVAL_LIMIT),
            *stage_overrides(recipe_file, workdir), *extra]
     proc = subprocess.run(cmd, cwd=REPO)
     if proc.returncode != 0:
@@ -77,13 +78,37 @@ def train_stage(recipe_file: Path, workdir: Path, nproc: int, extra: list[str],
 
 
 
+# Table columns in curriculum order (the stage that should move each one: 1, 1, 1, 2, 2, 3, 4);
+# other score keys follow, sorted.
+COLUMN_ORDER = ("ocr_acc", "chart_acc", "table_acc", "multi_image_acc", "video_acc", "video_evs_acc",
+                "text_acc", "code_line_acc", "code_ppl", "needle_short_acc", "needle_acc",
+                "video_tokens", "video_evs_tokens")
+EVAL_LIMIT = 50  # held-out samples per task
+
+
+def chance_levels() -> dict:
+    """``<task>_acc`` -> accuracy by guessing (data_prep.demo_tasks.CHANCE), {} without it."""
+    try:
+        from data_prep.demo_tasks import CHANCE
+    except ImportError:
+        return {}
+    out = {f"{task}_line_acc" if task == "code" else f"{task}_acc": p for task, p in CHANCE.items()}
+    if "video" in CHANCE:
+        out["video_evs_acc"] = CHANCE["video"]
+    return out
+
+
 def format_table(summaries: list[dict]) -> str:
     # Per-dataset eval losses stay in summary.json and TensorBoard; the table shows each stage's
     # own eval loss and the task scores, which are measured on the same tasks at every stage.
-    task_keys = sorted({k for s in summaries for k in s
-                        if not k.startswith("eval_loss") and k not in
-                        ("stage", "steps", "train_loss", "train_loss_first", "stopped")})
-    head = ["stage", "steps", "train loss", "eval loss (start -> end)"] + task_keys
+    # An accuracy's header names its chance level (guessing among the task's answers).
+    found = {k for s in summaries for k in s
+             if not k.startswith("eval_loss") and k not in
+             ("stage", "steps", "train_loss", "train_loss_first", "stopped")}
+    task_keys = [k for k in COLUMN_ORDER if k in found] + sorted(found - set(COLUMN_ORDER))
+    chance = chance_levels()
+    task_heads = [f"{k} (chance {chance[k]:.2f})" if k in chance else k for k in task_keys]
+    head = ["stage", "steps", "train loss", "eval loss (start -> end)"] + task_heads
     rows = []
     for s in summaries:
         ev = s.get("eval_loss")

@@ -79,7 +79,7 @@ import numpy as np
 from megatron_vlm.data.prompt import PromptEncoder
 from megatron_vlm.data.tokenizer import SYSTEM_MARKER, THINK_END, TURN_MARKER
 
-CHAT_TASKS = ("ocr", "chart", "table", "multi_image", "video", "text", "needle")
+CHAT_TASKS = ("ocr", "chart", "table", "multi_image", "video", "text", "needle", "needle_short")
 CODE_TASK = "code"
 KNOWN_TASKS = CHAT_TASKS + (CODE_TASK,)
 
@@ -159,7 +159,8 @@ def references(answer) -> list:
 
 SCORERS: dict = {"exact": exact_match, "contains": contains_answer, "code_line": code_line_match,
                  "anls": anls}
-TASK_SCORER = {**{t: "exact" for t in CHAT_TASKS}, "needle": "contains", CODE_TASK: "code_line"}
+TASK_SCORER = {**{t: "exact" for t in CHAT_TASKS}, "needle": "contains", "needle_short": "contains",
+               CODE_TASK: "code_line"}
 
 
 def mean_score(values: list) -> float:

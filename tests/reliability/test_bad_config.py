@@ -26,7 +26,7 @@ BAD_VALUES = {  # override -> words of the one-line error
     "train.max_wall_minutes=nan": "train.max_wall_minutes: must be a finite number",
     "train.steps=0": "train.steps: must be >= 1, got 0",
     "train.steps=2.5": "train.steps: expected int, got float 2.5",
-    "train.micro_batch_size=3": "train.global_batch_size=4 is not a multiple of train.micro_batch",
+    "train.micro_batch_size=3": "train.global_batch_size=8 is not a multiple of train.micro_batch",
     "train.seed=-1": "train.seed: must be >= 0, got -1",
     "schedule.warmup_steps=-2": "schedule.warmup_steps: must be >= 0, got -2",
     "data.seed=-3": "data.seed: must be >= 0",
