@@ -99,9 +99,13 @@ def test_references_and_errors(tmp_path, tokenizer):
 
 @pytest.fixture(scope="module")
 def model(megatron_single, tokenizer):
+    from megatron.core import tensor_parallel
+
     from megatron_vlm.models.vlm import build_vlm
 
+    # Both generators: megatron's tracker state otherwise depends on the tests run before.
     torch.manual_seed(0)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
     m = build_vlm("vlm_tiny", impl="local", image_token_id=tokenizer.image_id,
                   img_end_token_id=tokenizer.img_end_id, use_cpu_initialization=True)
     with torch.no_grad():  # sharper output distribution than the 0.02-std init: varied argmaxes
