@@ -10,7 +10,6 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /opt/megatron-vlm
 COPY setup.py README.md ./
 COPY megatron_vlm ./megatron_vlm
-COPY data_prep ./data_prep
 COPY tools ./tools
 COPY recipes ./recipes
 # The GPU smoke tests: `docker run --gpus all IMAGE make test-gpu`

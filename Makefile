@@ -41,7 +41,7 @@ test-gpu:
 	$(GPU_PY) -m pytest -q -p no:cacheprovider -rs --durations=10 -m gpu tests/cluster
 
 demo: venv
-	$(PY) -m tools.demo
+	$(PY) -m megatron_vlm.cli.demo
 
 bench: venv
 	$(PY) -m bench.run_all --out bench/results.md

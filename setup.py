@@ -50,8 +50,7 @@ setup(
     version="0.1.0",
     description="Megatron-style training of Nemotron Nano V2 VL-class vision-language models",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_vlm", "megatron_vlm.*", "data_prep", "data_prep.*",
-                                    "tools", "tools.*"]) + ["megatron_vlm.recipes"],
+    packages=find_packages(include=["megatron_vlm", "megatron_vlm.*"]) + ["megatron_vlm.recipes"],
     # The recipes ship inside the package (megatron_vlm/recipes/...) without moving the repo's
     # recipes/: models.config.recipes_root() finds them there when installed.
     package_dir={"megatron_vlm.recipes": "recipes"},
@@ -61,11 +60,11 @@ setup(
     # The main commands on PATH (each is also `python -m <module>` from a checkout).
     entry_points={"console_scripts": [
         "mvlm-train = megatron_vlm.train:main",
-        "mvlm-run-stages = tools.run_stages:main",
-        "mvlm-convert = tools.convert_checkpoint:main",
-        "mvlm-evaluate = tools.evaluate:main",
-        "mvlm-plan = tools.plan:main",
-        "mvlm-build-shards = data_prep.build_shards:main",
-        "mvlm-inspect = data_prep.inspect:main",
+        "mvlm-run-stages = megatron_vlm.cli.run_stages:main",
+        "mvlm-convert = megatron_vlm.cli.convert_checkpoint:main",
+        "mvlm-evaluate = megatron_vlm.cli.evaluate:main",
+        "mvlm-plan = megatron_vlm.cli.plan:main",
+        "mvlm-build-shards = megatron_vlm.data_prep.build_shards:main",
+        "mvlm-inspect = megatron_vlm.data_prep.inspect:main",
     ]},
 )

@@ -80,7 +80,7 @@ def _write_import_recipe(cfg: dict, root: Path) -> None:
     """A recipe for ``import``: this size's model config and a small real tokenizer."""
     import yaml
 
-    from data_prep.train_tokenizer import train_bpe
+    from megatron_vlm.data_prep.train_tokenizer import train_bpe
 
     train_bpe(["a converter reads a model back tensor by tensor"] * 50,
               vocab_size=300).save(root / "tokenizer")
@@ -115,7 +115,7 @@ def _child(mode: str, checkpoint: str, out: str) -> None:
 
     t0 = time.perf_counter()
     if mode == "stream":
-        from tools.convert_checkpoint import main
+        from megatron_vlm.cli.convert_checkpoint import main
 
         main(["export", "--checkpoint", checkpoint, "--out", out, "--max-shard-gb", "0.02",
               "--quiet"])
@@ -133,7 +133,7 @@ def _child(mode: str, checkpoint: str, out: str) -> None:
                      desc["model_config"], "vlm", Path(out), desc["tokenizer"],
                      max_shard_bytes=int(0.02 * 1024 ** 3))
     elif mode == "import":  # checkpoint: the root holding recipe.yaml and the streamed export
-        from tools.convert_checkpoint import main
+        from megatron_vlm.cli.convert_checkpoint import main
 
         root = Path(checkpoint)
         main(["import", "--hf", str(root.parent / f"hf_{root.name}_stream"), "--recipe",

@@ -36,9 +36,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from data_prep.build_shards import build_shards  # noqa: E402
-from data_prep.demo_tasks import FONT_FILES, WORDS, font  # noqa: E402
-from data_prep.make_demo_data import make_demo_data  # noqa: E402
+from megatron_vlm.data_prep.build_shards import build_shards  # noqa: E402
+from megatron_vlm.data_prep.demo_tasks import FONT_FILES, WORDS, font  # noqa: E402
+from megatron_vlm.data_prep.make_demo_data import make_demo_data  # noqa: E402
 from megatron_vlm.data.image import load_rgb, normalize_tiles  # noqa: E402
 from megatron_vlm.data.loader import DatasetSpec, PackedVLMLoader, resolve_shards  # noqa: E402
 from megatron_vlm.data.sample_decoder import decode_sample  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.demo_tasks import _video_story, render_clip  # noqa: E402
+from megatron_vlm.data_prep.demo_tasks import _video_story, render_clip  # noqa: E402
 from megatron_vlm.data.video import frame_times, plan_frames  # noqa: E402
 from megatron_vlm.data.video_decode import _to_tile, decode_clip  # noqa: E402
 from megatron_vlm.data.video_encode import decode_all, encode_frames  # noqa: E402

@@ -29,9 +29,9 @@ def pytest_configure(config):
 
 
 def build_demo_corpus(tmp_path_factory, name: str, *args: str) -> Path:
-    """Run `python -m data_prep.make_demo_data` into a fresh temp dir; returns the corpus dir."""
+    """Run `python -m megatron_vlm.data_prep.make_demo_data` into a fresh temp dir; returns the corpus dir."""
     out = tmp_path_factory.mktemp(name) / "demo_data"
-    subprocess.run([sys.executable, "-m", "data_prep.make_demo_data", "--out", str(out), *args],
+    subprocess.run([sys.executable, "-m", "megatron_vlm.data_prep.make_demo_data", "--out", str(out), *args],
                    cwd=REPO, check=True, capture_output=True)
     return out
 

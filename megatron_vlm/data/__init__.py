@@ -1,7 +1,7 @@
 """Data pipeline for the VLM: tiling, shards, tokenizer + prompt, packing loader.
 
 Modules (import them directly; this package imports nothing so that light users such as
-``data_prep`` do not pay for torch):
+``megatron_vlm.data_prep`` do not pay for torch):
 
 - ``tiling``: dynamic tiling rule (tile size, 1..12 tiles, thumbnail) and tokens per tile
 - ``image``: image decoding/encoding, CLIP normalisation

@@ -4,7 +4,7 @@ Loads either a ``tokenizer.json`` file or a tokenizer directory (``tokenizer.jso
 optional HF ``tokenizer_config.json`` naming ``eos_token`` / ``pad_token`` / ``bos_token``).
 That covers Nemotron's released tokenizer (eos ``<SPECIAL_12>``, pad ``<unk>`` as in
 Megatron-LM's ``nemotron-nano-v2`` prompt config) and the small byte-level BPE that
-``data_prep.train_tokenizer`` trains for the demo corpus.
+``megatron_vlm.data_prep.train_tokenizer`` trains for the demo corpus.
 
 Tokens the VLM needs are added as special tokens when the vocabulary lacks them, as Megatron-LM
 does: ``<img> </img> <image>`` (image start/end/context) and ``<quad> </quad> <ref> </ref> <box>

@@ -24,9 +24,9 @@ Demo tasks: where the samples come from (``data_root`` is the demo directory, th
   ``PromptEncoder.generation_prompt`` (conversation up to the user turn + assistant header + think
   opener). The reference answer is the record's ``answer`` in ``raw/<task>/eval.jsonl`` (joined
   by sample id), else the shard's ``answer``, else the last assistant turn. Without shards, the
-  raw records are tiled by the caller's ``record_builder`` (``tools/evaluate.py`` passes the
-  shard builder's own code, ``data_prep.records.tile_record``; the library does not import
-  ``data_prep``) with the tiling of ``datasets.json``.
+  raw records are tiled by the caller's ``record_builder`` (``megatron_vlm/cli/evaluate.py`` passes the
+  shard builder's own code, ``megatron_vlm.data_prep.records.tile_record``; the library does not import
+  ``megatron_vlm.data_prep``) with the tiling of ``datasets.json``.
 - code: ``raw/code/eval.jsonl`` (the shards hold the whole chunk but not the split point). The
   prompt is the record's ``prefix`` as a plain document (no chat template, as the code was
   trained); its trailing whitespace is left for the model to generate, so the prompt ends at a
@@ -297,7 +297,7 @@ def _chat_from_raw(task: str, data_root: Path, encoder: PromptEncoder, tile_size
     info_path = data_root / "datasets.json"
     if record_builder is None:
         raise EvalDataError(f"task {task!r}: no eval shards under {data_root / 'shards' / task / 'eval'}; "
-                            f"build them from {path} with data_prep.build_shards")
+                            f"build them from {path} with megatron_vlm.data_prep.build_shards")
     tiling = None
     if info_path.is_file():
         tiling = TilingConfig.from_dict(json.loads(info_path.read_text())["tiling"])

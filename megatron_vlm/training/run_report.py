@@ -7,7 +7,7 @@
 
 Parameter counts are global: tensor-parallel shards are summed over the tensor-parallel group,
 replicated parameters counted once, pipeline stages summed. The memory estimate is deliberately
-simple (weights, gradients, Adam state, a per-layer activation term); tools/plan.py is the planner.
+simple (weights, gradients, Adam state, a per-layer activation term); megatron_vlm/cli/plan.py is the planner.
 """
 
 from __future__ import annotations

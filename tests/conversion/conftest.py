@@ -19,7 +19,7 @@ OVERRIDES = ["checkpoint.init_from=null"]
 
 def run_cli(workdir: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "tools.convert_checkpoint", *args, "--quiet"],
+    proc = subprocess.run([sys.executable, "-m", "megatron_vlm.cli.convert_checkpoint", *args, "--quiet"],
                           cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != expect:
         raise AssertionError(f"convert_checkpoint {args[0]} failed ({proc.returncode}):\n"

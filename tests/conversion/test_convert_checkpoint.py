@@ -1,5 +1,5 @@
 """Megatron checkpoint <-> Hugging Face: export is loaded by transformers with the same logits,
-import gives back the same weights bit for bit (tools/convert_checkpoint.py)."""
+import gives back the same weights bit for bit (megatron_vlm/cli/convert_checkpoint.py)."""
 
 import json
 
@@ -117,10 +117,10 @@ def test_bf16_sharded_export_loads_in_transformers(exported, monkeypatch, capsys
 
 
 def _cli_in_process(workdir, monkeypatch, capsys, *args) -> tuple:
-    """(exit code, stdout, stderr) of tools.convert_checkpoint run in this process (it starts and
+    """(exit code, stdout, stderr) of megatron_vlm.cli.convert_checkpoint run in this process (it starts and
     ends its own one-process world): the libraries are imported already, which saves the seconds
     a fresh interpreter spends on them."""
-    from tools.convert_checkpoint import main
+    from megatron_vlm.cli.convert_checkpoint import main
 
     monkeypatch.chdir(workdir)
     capsys.readouterr()
@@ -229,8 +229,8 @@ def test_checkpoint_describes_itself(exported):
     assert description["model_config"] == load_vlm_config("recipes/models/vlm_tiny.yaml")
     assert description["tokenizer"]["image_id"] is not None
     assert description["tokenizer"]["path"] == str((workdir / "demo_data/tokenizer").resolve())
-    # tools/evaluate.py takes it when --recipe is not given (at its single-process layout).
-    from tools.evaluate import EVAL_LAYOUT, _saved_recipe
+    # megatron_vlm/cli/evaluate.py takes it when --recipe is not given (at its single-process layout).
+    from megatron_vlm.cli.evaluate import EVAL_LAYOUT, _saved_recipe
 
     for_eval = _saved_recipe(str(ckpt), EVAL_LAYOUT)
     assert for_eval.parallel.tp == 1 and for_eval.model == trained.model

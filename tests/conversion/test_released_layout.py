@@ -180,7 +180,7 @@ def test_cli_imports_released_llm_and_radio_into_one_checkpoint(written, tmp_pat
     fresh), tensor values as transformers wrote them."""
     import yaml
 
-    from data_prep.train_tokenizer import train_bpe
+    from megatron_vlm.data_prep.train_tokenizer import train_bpe
     from megatron_vlm.conversion.dist_reader import DistCheckpointReader
     from tests.conversion.conftest import run_cli
 

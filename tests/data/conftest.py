@@ -14,8 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from data_prep.build_shards import build_shards  # noqa: E402
-from data_prep.train_tokenizer import train_bpe  # noqa: E402
+from megatron_vlm.data_prep.build_shards import build_shards  # noqa: E402
+from megatron_vlm.data_prep.train_tokenizer import train_bpe  # noqa: E402
 from megatron_vlm.data.tiling import TilingConfig  # noqa: E402
 from megatron_vlm.data.tokenizer import VLMTokenizer  # noqa: E402
 

@@ -8,7 +8,7 @@ import tarfile
 import pytest
 from PIL import Image
 
-from data_prep.build_shards import build_shards
+from megatron_vlm.data_prep.build_shards import build_shards
 from megatron_vlm.data.schema import validate_metadata
 from megatron_vlm.data.shard_reader import read_shard
 from megatron_vlm.data.tiling import TilingConfig, num_tiles
@@ -101,7 +101,7 @@ def test_shard_size_limit_and_stale_shards(tmp_path):
 def test_cli(tmp_path):
     jsonl = _with_bad_media(tmp_path)
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "data_prep.build_shards", "--input", jsonl, "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "megatron_vlm.data_prep.build_shards", "--input", jsonl, "--out", str(out),
                            "--tile-size", "32", "--max-tiles", "4", "--samples-per-shard", "8", "--workers", "2",
                            "--image-format", "jpeg"], cwd=REPO, capture_output=True, text=True, check=True)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -138,7 +138,7 @@ def test_video_record_fits_the_schema(tmp_path, tokenizer):
 
 # ---- --help, progress, the tile size a recipe must agree with -------------------------------------
 def test_help_documents_the_format_and_every_default():
-    from data_prep.build_shards import _parser
+    from megatron_vlm.data_prep.build_shards import _parser
 
     parser = _parser()
     text = parser.format_help()

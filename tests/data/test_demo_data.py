@@ -4,7 +4,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from data_prep.make_demo_data import TASKS, make_demo_data
+from megatron_vlm.data_prep.make_demo_data import TASKS, make_demo_data
 from megatron_vlm.data.batch import check_batch
 from megatron_vlm.data.loader import DatasetSpec, PackedVLMLoader
 from megatron_vlm.data.prompt import PromptEncoder

@@ -1,4 +1,4 @@
-"""data_prep.inspect on built shards: per-sample tile and placeholder counts, stats, CLI."""
+"""megatron_vlm.data_prep.inspect on built shards: per-sample tile and placeholder counts, stats, CLI."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-from data_prep import inspect as shard_inspect
+from megatron_vlm.data_prep import inspect as shard_inspect
 
 from .conftest import PATCH
 

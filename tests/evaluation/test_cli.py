@@ -1,4 +1,4 @@
-"""`python -m tools.evaluate` on a checkpoint of a 2-step training run saved at TP=2."""
+"""`python -m megatron_vlm.cli.evaluate` on a checkpoint of a 2-step training run saved at TP=2."""
 
 import json
 import math
@@ -15,7 +15,7 @@ KEYS = {"ocr_acc", "multi_image_acc", "text_acc", "code_line_acc", "code_ppl", "
 
 def _evaluate(workdir, *args):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "tools.evaluate", *args], cwd=workdir, env=env,
+    return subprocess.run([sys.executable, "-m", "megatron_vlm.cli.evaluate", *args], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

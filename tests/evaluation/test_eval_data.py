@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.records import tile_record
+from megatron_vlm.data_prep.records import tile_record
 from megatron_vlm.data.image import normalize_tiles
 from megatron_vlm.data.loader import DatasetSpec, PackedVLMLoader
 from megatron_vlm.data.prompt import PromptEncoder

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep.build_shards import build_shards
-from data_prep.train_tokenizer import train_bpe
+from megatron_vlm.data_prep.build_shards import build_shards
+from megatron_vlm.data_prep.train_tokenizer import train_bpe
 from megatron_vlm.data.prompt import PromptEncoder
 from megatron_vlm.data.tiling import TilingConfig, tokens_per_tile
 from megatron_vlm.evaluation.tasks import (

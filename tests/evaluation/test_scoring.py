@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from data_prep.train_tokenizer import train_bpe
+from megatron_vlm.data_prep.train_tokenizer import train_bpe
 from megatron_vlm.data.prompt import PromptEncoder
 from megatron_vlm.evaluation.tasks import (
     EvalSample,

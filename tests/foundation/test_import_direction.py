@@ -1,12 +1,14 @@
-"""Dependencies point one way: data -> models -> training -> evaluation/conversion -> tools.
+"""Dependencies point one way: data -> models -> training -> evaluation/conversion -> commands.
 
 Read from the source with ``ast`` (nothing is imported, so it takes well under a second):
 
 - each library module imports only its own layer or a lower one; ``data`` and ``models`` are two
   independent bottom layers (neither imports the other: what both need, such as the pixel
   normalisation and the tokens a tile or a pruned video takes, lives in ``megatron_vlm.media_tokens``);
-- the library imports none of ``data_prep``, ``tools``, ``bench`` and ``tests``;
-- no ``sys.path`` edits in the library, ``tools``, ``bench`` or ``data_prep``;
+- the commands (``megatron_vlm.cli``) and the data preparation (``megatron_vlm.data_prep``) are the
+  top layer: no other library module imports them;
+- the library imports none of ``bench`` and ``tests`` (nor the old top-level ``data_prep``/``tools``);
+- no ``sys.path`` edits in the library or ``bench``;
 - no private name (``_x``) of one library module is used by another.
 """
 
@@ -28,6 +30,8 @@ RANKS = {
     "conversion": 3,
     "planning": 3,
     "entry": 4,         # megatron_vlm.train, the training command
+    "cli": 5,           # the commands (run-stages, evaluate, convert, plan, demo)
+    "data_prep": 5,     # offline data preparation (build-shards, inspect, the demo corpus)
 }
 FORBIDDEN = {("data", "models"), ("models", "data")}
 
@@ -143,7 +147,7 @@ def _edits_sys_path(node: ast.AST) -> bool:
 
 def test_no_sys_path_edits():
     seen, problems = set(), []
-    for module, path, tree in _sources(LIBRARY, "tools", "bench", "data_prep"):
+    for module, path, tree in _sources(LIBRARY, "bench"):
         for node in ast.walk(tree):
             if _edits_sys_path(node):
                 if (module, "sys.path") in ALLOWED:

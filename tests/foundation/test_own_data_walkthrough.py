@@ -109,16 +109,16 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("own_data")
     make_folder(root)
     cmds = readme_commands()
-    data_steps = [c for c in cmds if c[2].startswith("data_prep.") or "--validate-only" in c]
+    data_steps = [c for c in cmds if c[2].startswith("megatron_vlm.data_prep.") or "--validate-only" in c]
     outputs = [_ok(run(c, root)) for c in data_steps]
     return root, cmds, outputs
 
 
 def test_readme_data_steps_and_validation(prepared):
     root, cmds, outputs = prepared
-    assert [c[2] for c in cmds] == ["data_prep.train_tokenizer", "data_prep.build_shards",
-                                    "data_prep.build_shards", "data_prep.inspect", "megatron_vlm.train",
-                                    "megatron_vlm.train", "tools.evaluate", "tools.convert_checkpoint"]
+    assert [c[2] for c in cmds] == ["megatron_vlm.data_prep.train_tokenizer", "megatron_vlm.data_prep.build_shards",
+                                    "megatron_vlm.data_prep.build_shards", "megatron_vlm.data_prep.inspect", "megatron_vlm.train",
+                                    "megatron_vlm.train", "megatron_vlm.cli.evaluate", "megatron_vlm.cli.convert_checkpoint"]
     train = json.loads((root / "my_data/shards/train/index.json").read_text())
     held_out = json.loads((root / "my_data/shards/eval/index.json").read_text())
     # every README example record and every generated question became a sample, at 64 px
@@ -149,11 +149,11 @@ def test_readme_train_evaluate_export(prepared):
     train = next(c for c in cmds if c[2] == "megatron_vlm.train" and "--validate-only" not in c)
     _ok(run(train, root, TRAIN_OVERRIDES))
     assert (root / "runs/my_data/sft/latest").read_text().strip() == "step_0000002"
-    out = _ok(run(next(c for c in cmds if c[2] == "tools.evaluate"), root))
+    out = _ok(run(next(c for c in cmds if c[2] == "megatron_vlm.cli.evaluate"), root))
     scores = json.loads((root / "runs/my_data/sft/scores.json").read_text())
     assert set(scores) == {"my_data_acc", "my_data_anls"} and "3 samples" in out, (scores, out)
     assert all(0.0 <= v <= 1.0 for v in scores.values())
-    _ok(run(next(c for c in cmds if c[2] == "tools.convert_checkpoint"), root))
+    _ok(run(next(c for c in cmds if c[2] == "megatron_vlm.cli.convert_checkpoint"), root))
     config = json.loads((root / "hf/my_data/config.json").read_text())
     assert config["model_type"] == "nemotron_h_omni" or "text_config" in config, config
     assert any(p.suffix == ".safetensors" for p in (root / "hf/my_data").iterdir())

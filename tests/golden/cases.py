@@ -20,7 +20,7 @@ from pathlib import Path
 GOLDEN_DIR = Path(__file__).resolve().parent
 REPO = GOLDEN_DIR.parents[1]
 TOLERANCE = 1e-4  # relative, off the reference build
-DEMO_SCALE = "0.05"  # the demo corpus the values were made with (data_prep.make_demo_data)
+DEMO_SCALE = "0.05"  # the demo corpus the values were made with (megatron_vlm.data_prep.make_demo_data)
 
 COMMON = ["train.steps=3", "schedule.warmup_steps=1", "checkpoint.interval=0",
           "logging.interval=1", "logging.tensorboard=false", "eval.batches=1", "parallel.tp=1"]

@@ -19,7 +19,7 @@ from tests.golden.cases import CASES, DEMO_SCALE, GOLDEN_DIR, REPO, build_info, 
 
 def make_workdir(tmp: Path) -> Path:
     """A directory laid out like the repo root, with a fresh demo corpus (as the tests build it)."""
-    subprocess.run([sys.executable, "-m", "data_prep.make_demo_data", "--out",
+    subprocess.run([sys.executable, "-m", "megatron_vlm.data_prep.make_demo_data", "--out",
                     str(tmp / "demo_data"), "--scale", DEMO_SCALE],
                    cwd=REPO, check=True, capture_output=True)
     (tmp / "recipes").symlink_to(REPO / "recipes")

@@ -103,7 +103,7 @@ def test_flops_per_token_match_megatron_anchor():
 
 
 def test_cli_reads_recipes_and_overrides(capsys):
-    from tools.plan import main
+    from megatron_vlm.cli.plan import main
 
     rc = main(["--recipe", str(REPO / "recipes/nano_v2_vl/stage4.yaml"), "--cp", "4",
                "--recompute", "full"])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.build_shards import build_shards
+from megatron_vlm.data_prep.build_shards import build_shards
 from megatron_vlm.data.dataset_stream import NoUsableSamples
 from megatron_vlm.data.image import decode_tile, encode_tile, load_rgb, to_rgb
 from megatron_vlm.data.loader import DatasetSpec, PackedVLMLoader

@@ -33,7 +33,7 @@ def clip_bytes(duration: float, fps: float, codec: str, vfr: bool = False, seed:
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
-    from data_prep.train_tokenizer import train_bpe
+    from megatron_vlm.data_prep.train_tokenizer import train_bpe
     from megatron_vlm.data.tokenizer import VLMTokenizer
     from tests.data.conftest import corpus_lines
 

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from data_prep.build_shards import build_shards
+from megatron_vlm.data_prep.build_shards import build_shards
 from megatron_vlm.data.tiling import TilingConfig
 from megatron_vlm.data.video import VideoOptions
 from megatron_vlm.evaluation.tasks import evaluate_tasks

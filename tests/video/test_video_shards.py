@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.build_shards import build_shards
+from megatron_vlm.data_prep.build_shards import build_shards
 from megatron_vlm.data.batch import check_batch
 from megatron_vlm.data.loader import DatasetSpec, PackedVLMLoader
 from megatron_vlm.data.shard_writer import ShardWriter

@@ -1,10 +1,10 @@
 """Convert between our megatron checkpoints and Hugging Face directories (single process).
 
-    python -m tools.convert_checkpoint export --checkpoint runs/tiny/stage1 --out hf/stage1 \
+    python -m megatron_vlm.cli.convert_checkpoint export --checkpoint runs/tiny/stage1 --out hf/stage1 \
         [--llm-out hf/stage1-llm | --llm-only] [--dtype bf16|fp32] [--max-shard-gb 5]
-    python -m tools.convert_checkpoint import --hf hf/stage1 --recipe recipes/tiny/stage0.yaml \
+    python -m megatron_vlm.cli.convert_checkpoint import --hf hf/stage1 --recipe recipes/tiny/stage0.yaml \
         --out runs/imported          # then: checkpoint.init_from=runs/imported
-    python -m tools.convert_checkpoint verify --checkpoint runs/tiny/stage1 --hf hf/stage1
+    python -m megatron_vlm.cli.convert_checkpoint verify --checkpoint runs/tiny/stage1 --hf hf/stage1
 
 ``export`` streams the checkpoint (a root with ``latest``, or one ``step_*`` directory, saved at
 any TP/PP layout) tensor by tensor into sharded safetensors: no model is built, memory holds one
@@ -224,7 +224,7 @@ def verify(args) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tools.convert_checkpoint",
+    parser = argparse.ArgumentParser(prog="python -m megatron_vlm.cli.convert_checkpoint",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="megatron checkpoint -> Hugging Face directory")

@@ -1,6 +1,6 @@
 """Run a recipe set's stages in order, each from the previous stage's final checkpoint.
 
-    python tools/run_stages.py --recipes recipes/tiny --workdir runs/tiny [--nproc 2]
+    python -m megatron_vlm.cli.run_stages --recipes recipes/tiny --workdir runs/tiny [--nproc 2]
 
 Stage order: ``base.yaml`` (if present), then ``stage0.yaml`` .. ``stage4.yaml``; files starting
 with ``_`` are shared bases, not stages. Each stage's ``checkpoint.dir`` becomes
@@ -8,7 +8,7 @@ with ``_`` are shared bases, not stages. Each stage's ``checkpoint.dir`` becomes
 stage it names. A stage whose ``summary.json`` exists is skipped, so re-running after an
 interruption continues (an interrupted stage resumes from its own latest checkpoint). Ends with a
 table: stage, steps, train/eval loss, and task scores by generation on held-out data
-(``tools/evaluate.py``, the recipe's ``eval.tasks``), the same tasks at every stage so the table
+(``megatron_vlm/cli/evaluate.py``, the recipe's ``eval.tasks``), the same tasks at every stage so the table
 shows how each ability moves from stage to stage.
 """
 
@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 from megatron_vlm.training.recipe import load_recipe  # noqa: E402
 from megatron_vlm.distributed import free_port  # noqa: E402
@@ -55,7 +55,7 @@ def run_stage(recipe_file: Path, workdir: Path, nproc: int, extra: list[str]) ->
 def evaluate_stage(recipe_file: Path, workdir: Path, extra: list[str], scores: Path) -> None:
     """Task scores by generation on held-out data (single process, any training layout)."""
     print(f"== {recipe_file.stem}: evaluating tasks", flush=True)
-    cmd = [sys.executable, "-m", "tools.evaluate", "--recipe", str(recipe_file),
+    cmd = [sys.executable, "-m", "megatron_vlm.cli.evaluate", "--recipe", str(recipe_file),
            "--checkpoint", str(workdir / recipe_file.stem), "--out", str(scores),
            "--limit", str(EVAL_LIMIT),
            *stage_overrides(recipe_file, workdir), *extra]
@@ -87,9 +87,9 @@ EVAL_LIMIT = 50  # held-out samples per task
 
 
 def chance_levels() -> dict:
-    """``<task>_acc`` -> accuracy by guessing (data_prep.demo_tasks.CHANCE), {} without it."""
+    """``<task>_acc`` -> accuracy by guessing (megatron_vlm.data_prep.demo_tasks.CHANCE), {} without it."""
     try:
-        from data_prep.demo_tasks import CHANCE
+        from megatron_vlm.data_prep.demo_tasks import CHANCE
     except ImportError:
         return {}
     out = {f"{task}_line_acc" if task == "code" else f"{task}_acc": p for task, p in CHANCE.items()}

@@ -1,11 +1,11 @@
 """Generate the demo corpus, shard it and train its tokenizer: one command, a ready directory.
 
-    python -m data_prep.make_demo_data --out demo_data [--scale 1.0] [--tile-size 64] [--workers 2]
+    python -m megatron_vlm.data_prep.make_demo_data --out demo_data [--scale 1.0] [--tile-size 64] [--workers 2]
 
 Layout of OUT:
 
     raw/<task>/images/*.png             generated images
-    raw/<task>/train.jsonl              training records (data_prep/records.py format)
+    raw/<task>/train.jsonl              training records (megatron_vlm/data_prep/records.py format)
     raw/<task>/eval.jsonl               held-out records, each with "answer" (exact expected
                                         output); chat records end with the reference assistant
                                         turn (generate after the user turn), code records carry
@@ -14,7 +14,7 @@ Layout of OUT:
     tokenizer/                          byte-level BPE (tokenizer.json, tokenizer_config.json)
     datasets.json                       what is where, tiling, suggested blend weights, counts
 
-Tasks: see data_prep/demo_tasks.py. Everything is a function of --seed (and of the running
+Tasks: see megatron_vlm/data_prep/demo_tasks.py. Everything is a function of --seed (and of the running
 Python's standard library, which is the code corpus).
 """
 

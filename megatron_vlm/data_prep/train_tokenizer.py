@@ -1,6 +1,6 @@
 """Train a small byte-level BPE (HF `tokenizers`) for the tiny demo runs.
 
-    python -m data_prep.train_tokenizer --input a.jsonl b.jsonl --vocab-size 4096 --out DIR
+    python -m megatron_vlm.data_prep.train_tokenizer --input a.jsonl b.jsonl --vocab-size 4096 --out DIR
 
 Text comes from the records' turns (``messages``/``conversations``) and ``text`` fields; media
 placeholders are removed. Digits are split one per token (helps small models with arithmetic),

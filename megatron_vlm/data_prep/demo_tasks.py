@@ -1,7 +1,7 @@
 """Generators of the demo corpus: small tasks a tiny model learns in minutes on CPU.
 
 Every generator is ``make_<task>(rng, n, image_dir, prefix) -> list[record]``; records follow
-data_prep/records.py plus ``task`` and ``answer`` (the exact string a correct model generates,
+megatron_vlm/data_prep/records.py plus ``task`` and ``answer`` (the exact string a correct model generates,
 used by evaluation by generation). Images are small PNGs written to ``image_dir`` and referenced
 relative to the task folder (``images/NAME.png``).
 

@@ -1,9 +1,9 @@
 """Build pre-tiled WebDataset shards from a JSONL of conversations.
 
-    python -m data_prep.build_shards --input data/train.jsonl --out shards/train \\
+    python -m megatron_vlm.data_prep.build_shards --input data/train.jsonl --out shards/train \\
         --samples-per-shard 256 --workers 2 --tile-size 512 --max-tiles 12
 
-Input records: see data_prep/records.py (``--help`` prints the format). Output: ``OUT/PREFIX-00000.tar ...`` in the layout of
+Input records: see megatron_vlm/data_prep/records.py (``--help`` prints the format). Output: ``OUT/PREFIX-00000.tar ...`` in the layout of
 megatron_vlm/data/schema.py and the manifest ``OUT/index.json`` (per-shard sample counts and
 bytes, tiling parameters, skip counts).
 
@@ -194,7 +194,7 @@ def build_shards(input_path: str, out_dir: str, *, tiling: TilingConfig = Tiling
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m data_prep.build_shards", description=__doc__,
+        prog="python -m megatron_vlm.data_prep.build_shards", description=__doc__,
         epilog=JSONL_FORMAT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True,
                    help="JSONL of records, one per line (format below); media paths are relative to it")

@@ -1,6 +1,6 @@
 """Capacity planner: does a recipe's layout fit the GPUs, and how fast will a step be?
 
-    python -m tools.plan --recipe recipes/nano_v2_vl/stage2.yaml [--gpus 256] [--gpu h100]
+    python -m megatron_vlm.cli.plan --recipe recipes/nano_v2_vl/stage2.yaml [--gpus 256] [--gpu h100]
         [--gpu-mem 80] [--tp 8] [--pp 2] [--cp 4] [--sp] [--recompute full]
         [--micro-batch 1] [--seq-length 49152] [--impl kernels|torch] [--no-flash]
         [--efficiency 0.35] [--image-fraction 0.5]

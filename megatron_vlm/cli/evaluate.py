@@ -1,6 +1,6 @@
 """Evaluate a stage's checkpoint by generation: on eval shards of your own, or the demo tasks.
 
-    python -m tools.evaluate --recipe recipes/tiny/stage1.yaml --checkpoint runs/tiny/stage1 \\
+    python -m megatron_vlm.cli.evaluate --recipe recipes/tiny/stage1.yaml --checkpoint runs/tiny/stage1 \\
         [--tasks ocr chart code ... NAME=SHARD_DIR ...] [--limit 20] [--out scores.json] \\
         [--details preds.json] [section.key=value ...]
 
@@ -93,7 +93,7 @@ def _saved_recipe(checkpoint, overrides):
 def _record_builder():
     """The shard builder's record tiling, for demo tasks whose eval shards were not built."""
     try:
-        from data_prep.records import tile_record
+        from megatron_vlm.data_prep.records import tile_record
     except ImportError:  # an installation without the data-preparation tools
         return None
     return tile_record

@@ -1,6 +1,6 @@
 """Look inside shards as a person would check them: statistics, and one sample rendered.
 
-    python -m data_prep.inspect SHARDS [--tokenizer DIR] [--sample KEY] [--html OUT]
+    python -m megatron_vlm.data_prep.inspect SHARDS [--tokenizer DIR] [--sample KEY] [--html OUT]
 
 SHARDS is what a recipe's ``data.blend[].path`` accepts: a shard directory with ``index.json``, a
 manifest file, a brace glob (``train-{00000..00009}.tar``) or ``a.tar::b.tar``. Without
@@ -235,7 +235,7 @@ def render_html(view: SampleView, tokenizer=None) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.inspect", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m megatron_vlm.data_prep.inspect", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shards", help="shard directory, manifest, brace glob or a::b list")
     parser.add_argument("--tokenizer", help="tokenizer directory: adds token counts and the prompt")

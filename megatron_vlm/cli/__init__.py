@@ -1,0 +1,1 @@
+"""The commands: training stages, evaluation, checkpoint conversion, planning, the demo."""
