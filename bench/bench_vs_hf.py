@@ -47,7 +47,7 @@ def build_pair(max_len: int):
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     from megatron_vlm.models.config import load_model_config
-    from megatron_vlm.models.hf_mapping_llm import hf_config_kwargs, hf_to_megatron
+    from megatron_vlm.conversion.hf_mapping_llm import hf_config_kwargs, hf_to_megatron
     from megatron_vlm.models.llm import build_hybrid_llm
 
     cfg = load_model_config("nemotron_h_tiny")

@@ -115,7 +115,7 @@ def export(args) -> dict:
 
 def _check_hf_config(hf_dir: Path, vlm_cfg: dict) -> None:
     """Fail early, with names, when the HF directory describes another LLM than the recipe."""
-    from megatron_vlm.models.hf_mapping_llm import hf_config_kwargs
+    from megatron_vlm.conversion.hf_mapping_llm import hf_config_kwargs
 
     config_file = hf_dir / "config.json"
     if not config_file.is_file():

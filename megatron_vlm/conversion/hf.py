@@ -45,8 +45,8 @@ from megatron_vlm.conversion import mapping
 from megatron_vlm.conversion.mapping import Rule
 from megatron_vlm.conversion.safetensors_io import (
     SafetensorsDirReader, ShardedSafetensorsWriter)
-from megatron_vlm.models import hf_mapping_llm as llm_map
-from megatron_vlm.models import hf_mapping_vision as vis_map
+from megatron_vlm.conversion import hf_mapping_llm as llm_map
+from megatron_vlm.conversion import hf_mapping_vision as vis_map
 
 Tensors = Dict[str, torch.Tensor]
 Shapes = Dict[str, Tuple[torch.Size, torch.dtype]]

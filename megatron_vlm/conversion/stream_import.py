@@ -27,7 +27,7 @@ import torch
 from megatron_vlm.conversion import hf
 from megatron_vlm.conversion.mapping import Rule
 from megatron_vlm.conversion.safetensors_io import SafetensorsDirReader
-from megatron_vlm.models import hf_mapping_vision as vis_map
+from megatron_vlm.conversion import hf_mapping_vision as vis_map
 
 PART_PREFIXES = {"language model": "language_model.", "vision tower": "vision_model.",
                  "connector": "vision_projection."}

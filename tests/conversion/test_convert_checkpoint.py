@@ -187,7 +187,7 @@ def test_llm_only_and_released_layouts_map_to_the_same_weights(exported, vlm_cfg
     assert all(torch.equal(v, ours[k]) for k, v in llm_only.items())
 
     # The released Nano V2 VL names (backbone., radio_model., fused qkv, mlp1.*) of the same weights.
-    from megatron_vlm.models.hf_mapping_vision import vlm_vision_to_hf
+    from megatron_vlm.conversion.hf_mapping_vision import vlm_vision_to_hf
 
     heads = vlm_cfg["vision_model"]["num_attention_heads"]
     released = {k.replace("language_model.model.", "language_model.backbone."): v

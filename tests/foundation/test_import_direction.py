@@ -35,11 +35,8 @@ RANKS = {
 }
 FORBIDDEN = {("data", "models"), ("models", "data")}
 
-# The Hugging Face name maps sit beside the model they describe but are conversion tables (only the
-# converter and its tests read them; they use conversion.mapping's rules).
+# Modules outside a layer package.
 LAYER_OF_MODULE = {
-    "megatron_vlm.models.hf_mapping_llm": "conversion",
-    "megatron_vlm.models.hf_mapping_vision": "conversion",
     "megatron_vlm.train": "entry",
     "megatron_vlm.planning": "planning",
 }

@@ -1,6 +1,6 @@
 """Numerical parity of the megatron hybrid LLM with transformers' NemotronHForCausalLM (CPU, fp32).
 
-Both models get the same random weights through megatron_vlm.models.hf_mapping_llm. Weights are
+Both models get the same random weights through megatron_vlm.conversion.hf_mapping_llm. Weights are
 drawn so that nothing is at its trivial init (norm weights != 1, D != 1, ...), otherwise a mapping
 mistake on those tensors would go unnoticed.
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_vlm.models.config import load_model_config
-from megatron_vlm.models.hf_mapping_llm import hf_config_kwargs, hf_to_megatron, megatron_to_hf
+from megatron_vlm.conversion.hf_mapping_llm import hf_config_kwargs, hf_to_megatron, megatron_to_hf
 
 SEQ = 333  # 5 full SSD chunks of 64 plus a partial one
 TOL = 1e-4

@@ -8,7 +8,7 @@ PUBLIC_PARAMS = 12.31e9  # NVIDIA-Nemotron-Nano-12B-v2 (model card / safetensors
 def test_12b_parameter_count(megatron_single):
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
-    from megatron_vlm.models.hf_mapping_llm import hf_config_kwargs
+    from megatron_vlm.conversion.hf_mapping_llm import hf_config_kwargs
     from megatron_vlm.models.llm import build_hybrid_llm, count_parameters
 
     with torch.device("meta"):

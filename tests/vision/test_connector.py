@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from megatron_vlm.models import hf_mapping_vision as hfm
+from megatron_vlm.conversion import hf_mapping_vision as hfm
 from megatron_vlm.models.config import make_transformer_config
 from megatron_vlm.models.connector import build_connector
 from megatron_vlm.models.vision.pixel_shuffle import pixel_shuffle

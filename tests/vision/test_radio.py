@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_vlm.data.image import normalize_tiles
-from megatron_vlm.models import hf_mapping_vision as hfm
+from megatron_vlm.conversion import hf_mapping_vision as hfm
 from megatron_vlm.models.vision import cpe
 from megatron_vlm.models.vision.radio import build_radio_tower
 from tests.vision.reference import hf_radio_like

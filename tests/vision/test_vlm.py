@@ -159,7 +159,7 @@ def test_stage0_optimizer_step_updates_only_the_connector(megatron_single):
 
 @pytest.mark.parametrize("layout", ["released", "transformers"])
 def test_vlm_vision_weights_round_trip_through_hf_names(model, layout):
-    from megatron_vlm.models import hf_mapping_vision as hfm
+    from megatron_vlm.conversion import hf_mapping_vision as hfm
 
     ours = {k: v for k, v in model.state_dict().items()
             if k.startswith(("vision_model.", "vision_projection.")) and "_extra_state" not in k}
