@@ -9,7 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def megatron_single():
     """One process, TP = PP = 1: the gloo world and megatron's parallel state that building
     megatron's layers needs, for in-process tests of every package."""

@@ -205,7 +205,7 @@ def test_cli_imports_released_llm_and_radio_into_one_checkpoint(written, tmp_pat
 
 
 def test_streaming_import_holds_a_few_tensors_and_writes_the_released_ones(
-        single_process_megatron, written, ours_cfg, tmp_path, monkeypatch):
+        megatron_single, written, ours_cfg, tmp_path, monkeypatch):
     """The import's model stays on the meta device where an HF directory fills it, each rule
     runs once, at most a few tensors wait in memory, and the checkpoint holds the HF values."""
     from megatron_vlm.conversion import stream_import as si
