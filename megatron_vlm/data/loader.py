@@ -120,6 +120,17 @@ def load_manifest(path: str) -> dict:
     return manifest
 
 
+def tile_size_problem(manifest: dict | None, tile_size: int, where: str) -> str | None:
+    """The one check that shards were cut at the tile size a run reads (loader, evaluation and
+    recipe validation): a one-line message naming ``where``, or None when they agree or the
+    shards carry no manifest."""
+    if manifest is None or manifest["tiling"]["tile_size"] == tile_size:
+        return None
+    return (f"{where}: shards hold {manifest['tiling']['tile_size']} px tiles, the recipe's "
+            f"data.tile_size is {tile_size} (rebuild them with build_shards --tile-size "
+            f"{tile_size}, or set data.tile_size)")
+
+
 class PackedVLMLoader:
     def __init__(
         self,
@@ -160,9 +171,9 @@ class PackedVLMLoader:
         self.manifests: list[dict | None] = []
         for i, spec in enumerate(self.specs):
             urls, manifest = resolve_shards(spec.shards)
-            if manifest is not None and manifest["tiling"]["tile_size"] != tile_size:
-                raise ValueError(f"dataset {spec.name}: shards hold {manifest['tiling']['tile_size']} px tiles, "
-                                 f"the loader was given tile_size={tile_size}")
+            problem = tile_size_problem(manifest, tile_size, f"dataset {spec.name}")
+            if problem:
+                raise ValueError(problem)
             # Each dataset gets its own seed so equal shard lists are not read in lockstep.
             self.streams.append(DatasetStream(urls, dp_rank, dp_size, seed=seed * 1000003 + i,
                                               shuffle_window=shuffle_window, shuffle=shuffle))

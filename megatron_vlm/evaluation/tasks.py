@@ -247,14 +247,14 @@ def _chat_sample(task: str, sample_id: str, meta: dict, tiles: np.ndarray, answe
 
 def _chat_from_shards(task: str, shard_dir, encoder: PromptEncoder, tile_size: int,
                       limit: Optional[int], answers: dict, video=None) -> list:
-    from megatron_vlm.data.loader import resolve_shards
+    from megatron_vlm.data.loader import resolve_shards, tile_size_problem
     from megatron_vlm.data.sample_decoder import SampleError, decode_sample
     from megatron_vlm.data.shard_reader import read_shard
 
     urls, manifest = resolve_shards(str(shard_dir))
-    if manifest is not None and manifest["tiling"]["tile_size"] != tile_size:
-        raise EvalDataError(f"{shard_dir}: shards hold {manifest['tiling']['tile_size']} px tiles, "
-                            f"the recipe's data.tile_size is {tile_size}")
+    problem = tile_size_problem(manifest, tile_size, str(shard_dir))
+    if problem:
+        raise EvalDataError(problem)
     samples = []
     for url in urls:
         for raw in read_shard(url):

@@ -413,20 +413,20 @@ def _check_shard_tile_size(recipe: Recipe, key: str, path: Path) -> None:
     """Shards whose manifest (build_shards' index.json) names another tile size than the recipe's."""
     import json
 
+    from megatron_vlm.data.loader import tile_size_problem
     from megatron_vlm.data.schema import MANIFEST_NAME
 
     manifest = path / MANIFEST_NAME if path.is_dir() else path
     if manifest.suffix != ".json" or not manifest.is_file():
         return
     try:
-        tile = json.loads(manifest.read_text())["tiling"]["tile_size"]
+        content = json.loads(manifest.read_text())
+        problem = tile_size_problem(content, recipe.data.tile_size, str(path))
     except (ValueError, KeyError, TypeError):
         raise RecipeError(f"{recipe.source}: {key}: {manifest} is not a shard manifest with "
                           "tiling.tile_size") from None
-    if tile != recipe.data.tile_size:
-        raise RecipeError(f"{recipe.source}: {key}: shards in {path} hold {tile} px tiles, the "
-                          f"recipe's data.tile_size is {recipe.data.tile_size} (rebuild them with "
-                          f"build_shards --tile-size {recipe.data.tile_size}, or set data.tile_size)")
+    if problem:
+        raise RecipeError(f"{recipe.source}: {key}: {problem}")
 
 
 def check_paths(recipe: Recipe) -> None:
