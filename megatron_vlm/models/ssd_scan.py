@@ -75,6 +75,33 @@ def _pad_to_chunks(x, dt, B, C, seq_idx, chunk_size: int):
             F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad)), seq_idx)
 
 
+def _chunk_owner(chunk_seq_ids: torch.Tensor) -> torch.Tensor:
+    """[b, c]: the sequence that owns the state entering chunk c - the one of chunk c-1's last
+    token (for chunk 0, the initial state belongs to the row's first sequence)."""
+    return torch.cat([chunk_seq_ids[:, :1, 0], chunk_seq_ids[:, :-1, -1]], dim=1)
+
+
+def _carry_states(a_cumsum, chunk_states, initial_state, chunk_seq_ids, owner):
+    """States entering each chunk [b, c, h, p, n] and the final state [b, h, p, n]:
+    entering[z] = sum_{c<z} decay(c+1..z-1) chunk_states[c] (+ decay(0..z-1) initial). One
+    [c+1, c+1] decay matrix per head and one einsum instead of a Python loop over chunks, whose
+    per-chunk select/stack backward costs O(chunks^2) memory traffic. Index 0 of the padded axis
+    stands for the initial state. With packed sequences (``chunk_seq_ids`` [b, c, q], ``owner``
+    [b, c]) a state crosses chunk z only if chunk z ends in its owner's sequence: the chunks where
+    it does not are counted (exact integers) and a carry is kept only over a stretch with none."""
+    states = torch.cat([initial_state.unsqueeze(1), chunk_states], dim=1)  # [b, c+1, h, p, n]
+    # [b, h, c+1]; entry z+1 is chunk z's whole-chunk log-decay.
+    chunk_log_decay = F.pad(a_cumsum[..., -1].transpose(1, 2), (1, 0))
+    carry = torch.exp(_segsum(chunk_log_decay))  # [b, h, z, c]: decay over chunks c..z-1
+    if chunk_seq_ids is not None:
+        last_ids = chunk_seq_ids[:, :, -1]
+        breaks = F.pad((last_ids != owner).to(torch.int32).cumsum(dim=1), (1, 0))  # [b, c+1]
+        survives = breaks.unsqueeze(-1) == breaks.unsqueeze(-2)  # [b, z, c]
+        carry = carry * survives.unsqueeze(1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", carry, states)
+    return states[:, :-1], states[:, -1]
+
+
 def ssd_chunked_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -166,31 +193,12 @@ def ssd_chunked_scan(
     Bh = (Bg * decay_to_end).reshape(bsz, nchunks, nheads, q, dstate)  # [b, c, h, s, n]
     chunk_states = torch.matmul(xdt.transpose(-1, -2), Bh)  # [b, c, h, p, n]
 
-    # 3) Carry the state across chunks: entering[z] = sum_{c<z} decay(c+1..z-1) chunk_states[c]
-    #    (+ decay(0..z-1) initial). One [c+1, c+1] decay matrix per head and one einsum instead
-    #    of a Python loop over chunks, whose per-chunk select/stack backward costs O(chunks^2)
-    #    memory traffic. Index 0 of the padded axis stands for the initial state.
-    state0 = (
-        initial_states.float()
-        if initial_states is not None
-        else xf.new_zeros(bsz, nheads, headdim, dstate)
-    )
-    states = torch.cat([state0.unsqueeze(1), chunk_states], dim=1)  # [b, c+1, h, p, n]
-    # [b, h, c+1]; entry z+1 is chunk z's whole-chunk log-decay.
-    chunk_log_decay = F.pad(a_cumsum[..., -1].transpose(1, 2), (1, 0))
-    carry = torch.exp(_segsum(chunk_log_decay))  # [b, h, z, c]: decay over chunks c..z-1
-    if seq_idx is not None:
-        # Sequence that owns the state entering chunk c: the one of chunk c-1's last token (for
-        # chunk 0, the initial state belongs to the row's first sequence). A state crosses chunk
-        # z only if chunk z ends in that owner's sequence; count the chunks where it does not
-        # (exact integers) and keep a carry only over a stretch with none.
-        last_ids = sc[:, :, -1]
-        owner = torch.cat([sc[:, :1, 0], last_ids[:, :-1]], dim=1)  # [b, c]
-        breaks = F.pad((last_ids != owner).to(torch.int32).cumsum(dim=1), (1, 0))  # [b, c+1]
-        survives = breaks.unsqueeze(-1) == breaks.unsqueeze(-2)  # [b, z, c]
-        carry = carry * survives.unsqueeze(1)
-    states = torch.einsum("bhzc,bchpn->bzhpn", carry, states)
-    entering, state = states[:, :-1], states[:, -1]  # [b, c, h, p, n], final [b, h, p, n]
+    # 3) Carry the state across chunks.
+    if initial_states is None:
+        initial_states = xf.new_zeros(bsz, nheads, headdim, dstate)
+    owner = None if seq_idx is None else _chunk_owner(sc)
+    entering, state = _carry_states(a_cumsum, chunk_states, initial_states.float(),
+                                    None if seq_idx is None else sc, owner)
 
     # 4) Output from the entering state: y_l += exp(a_cumsum[l]) C_l . state (the decay folded
     #    into C, broadcast over the group's heads like B above).
