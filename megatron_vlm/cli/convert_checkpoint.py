@@ -39,6 +39,10 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_vlm.known_warnings import ignore_known_noise
+
+ignore_known_noise()  # before megatron-core is imported: it warns at import time
+
 
 class ConvertError(Exception):
     pass
