@@ -87,6 +87,7 @@ def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss_and_in_bf16(workdir):
     assert sorted(read_log(workdir / "runs/tp2")) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # in-process twins in tests/vision/test_vlm.py (freezing, optimizer step)
 def test_stage0_changes_only_the_connector(workdir):
     images = ["data.blend=[{path: demo_data/shards/ocr/train}]",
               "data.eval=[{path: demo_data/shards/ocr/eval}]", "eval.batches=1"]

@@ -96,17 +96,25 @@ def test_cpe_train_crops_follow_the_reference_distribution():
 
 
 def test_train_mode_crops_positions_per_tile(towers):
-    """In train mode two identical tiles get different CPE crops, in eval mode the same one."""
+    """With ``cpe_train_crop`` (the released towers; radio_tiny turns it off), in train mode two
+    identical tiles get different CPE crops, in eval mode the same one; without it, train mode
+    gives them the same positions."""
     _, ours = towers
     tiles = normalize_tiles(_images(1, 64, 64, seed=5)).expand(2, -1, -1, -1)
+    saved = ours.cpe_train_crop
+    outputs = {}
     with torch.no_grad():
-        ours.train()
         try:
-            trained = ours(tiles)
+            for crop in (True, False):
+                ours.cpe_train_crop = crop
+                ours.train()
+                outputs[crop] = ours(tiles)
         finally:
+            ours.cpe_train_crop = saved
             ours.eval()
         evaluated = ours(tiles)
-    assert (trained[0] - trained[1]).abs().max().item() > 1e-3
+    assert (outputs[True][0] - outputs[True][1]).abs().max().item() > 1e-3
+    assert torch.equal(outputs[False][0], outputs[False][1])
     assert torch.equal(evaluated[0], evaluated[1])
 
 
