@@ -139,7 +139,7 @@ def test_readme_recipe_refuses_shards_of_another_tile_size(prepared, monkeypatch
     with pytest.raises(RecipeError) as err:
         check_paths(recipe)
     line = str(err.value)
-    assert "\n" not in line and "data.blend[0].path: shards in my_data/shards/train" in line, line
+    assert "\n" not in line and "data.blend[0].path: my_data/shards/train: shards hold" in line, line
     assert "hold 64 px tiles" in line and "data.tile_size is 128" in line, line
 
 
