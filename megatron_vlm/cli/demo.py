@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", type=Path, default=Path("runs/tiny"))
-    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=Path("runs/tiny"),
+                    help="where the stages write checkpoints, logs and the table (default runs/tiny)")
+    ap.add_argument("--nproc", type=int, default=2, help="processes per stage (default 2)")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     data = Path("demo_data")  # where the tiny recipes read it

@@ -28,17 +28,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", required=True, nargs="+", help="recipe YAML(s)")
     ap.add_argument("--gpus", type=int, default=256, help="GPUs in the job (default 32 x 8)")
-    ap.add_argument("--gpu", default="h100", choices=("h100", "h200", "b200"))
+    ap.add_argument("--gpu", default="h100", choices=("h100", "h200", "b200"),
+                    help="GPU type: memory and peak bf16 FLOP/s (default h100)")
     ap.add_argument("--gpu-mem", type=float, default=None, help="GB per GPU (default: the GPU's)")
-    ap.add_argument("--tp", type=int)
-    ap.add_argument("--pp", type=int)
-    ap.add_argument("--cp", type=int)
+    ap.add_argument("--tp", type=int, help="tensor-parallel size (default: the recipe's)")
+    ap.add_argument("--pp", type=int, help="pipeline-parallel size (default: the recipe's)")
+    ap.add_argument("--cp", type=int, help="context-parallel size (default: the recipe's)")
     ap.add_argument("--sp", action="store_true", default=None, help="sequence parallelism on")
-    ap.add_argument("--recompute", choices=RECOMPUTE_MODES)
-    ap.add_argument("--micro-batch", type=int)
-    ap.add_argument("--seq-length", type=int)
-    ap.add_argument("--impl", choices=IMPLS, default="kernels")
-    ap.add_argument("--no-flash", action="store_true")
+    ap.add_argument("--recompute", choices=RECOMPUTE_MODES,
+                    help="activation recompute mode (default: the recipe's)")
+    ap.add_argument("--micro-batch", type=int, help="micro-batch size (default: the recipe's)")
+    ap.add_argument("--seq-length", type=int, help="packed sequence length (default: the recipe's)")
+    ap.add_argument("--impl", choices=IMPLS, default="kernels",
+                    help="activation model: GPU kernels (TE, mamba-ssm) or the CPU torch path "
+                         "(default kernels)")
+    ap.add_argument("--no-flash", action="store_true",
+                    help="attention without flash/fused kernels (stores the score matrix)")
     ap.add_argument("--efficiency", type=float, default=0.35,
                     help="achieved share of peak FLOP/s (default 0.35)")
     ap.add_argument("--image-fraction", type=float, default=None,

@@ -128,8 +128,10 @@ def format_table(summaries: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipes", required=True, type=Path)
-    ap.add_argument("--workdir", required=True, type=Path)
+    ap.add_argument("--recipes", required=True, type=Path,
+                    help="folder of stage recipes (base.yaml, stage0.yaml ... stage4.yaml), run in order")
+    ap.add_argument("--workdir", required=True, type=Path,
+                    help="where each stage's checkpoints, logs and the stage table are written")
     ap.add_argument("--nproc", type=int, default=2, help="processes per stage (torchrun)")
     ap.add_argument("--only", nargs="*", help="run only these stages (by file stem)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage")

@@ -138,18 +138,19 @@ def make_demo_data(out: str, seed: int = 0, scale: float = 1.0, tiling: TilingCo
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Generate, shard and tokenize the demo corpus.")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder (raw records, shards, tokenizer)")
+    p.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every task's sample counts")
-    p.add_argument("--tile-size", type=int, default=64)
-    p.add_argument("--max-tiles", type=int, default=6)
-    p.add_argument("--no-thumbnail", action="store_true")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--samples-per-shard", type=int, default=256)
+    p.add_argument("--tile-size", type=int, default=64, help="tile size in px (default 64)")
+    p.add_argument("--max-tiles", type=int, default=6, help="most tiles per image (default 6)")
+    p.add_argument("--no-thumbnail", action="store_true", help="no thumbnail tile")
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary (default 4096)")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--samples-per-shard", type=int, default=256, help="default 256")
     p.add_argument("--needle-words", type=int, nargs=2, default=(600, 700), metavar=("MIN", "MAX"),
                    help="filler words per (long) needle document (700 words is about 850 tokens)")
-    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None)
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=None,
+                   help="only these tasks (default: all)")
     args = p.parse_args(argv)
     tiling = TilingConfig(args.tile_size, 1, args.max_tiles, not args.no_thumbnail)
     make_demo_data(args.out, seed=args.seed, scale=args.scale, tiling=tiling, vocab_size=args.vocab_size,

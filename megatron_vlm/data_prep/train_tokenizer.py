@@ -72,8 +72,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Train the demo byte-level BPE tokenizer.")
     p.add_argument("--input", nargs="+", required=True, help="JSONL files")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (default 4096)")
+    p.add_argument("--min-frequency", type=int, default=2,
+                   help="a merge needs at least this many occurrences (default 2)")
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args(argv)
     tok = train_bpe(record_texts(args.input), args.vocab_size, args.min_frequency)
