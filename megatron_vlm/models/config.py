@@ -122,10 +122,27 @@ _FUSIONS_OFF = dict(
 )
 
 
+class _SquaredReLU(torch.autograd.Function):
+    """relu(x)^2 with a two-pass backward, bit-identical to autograd's relu -> square: the
+    gradient is the same ``grad * (2 * relu(x))`` (zero where relu(x) is zero), without
+    square's ``pow(r, 1)`` copy, its scalar multiply and relu's separate threshold pass."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r  # what square() computes for fp exponent 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        return grad * (2.0 * r)
+
+
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
     """relu(x)^2. megatron's own ``squared_relu`` is wrapped in torch.compile (its jit_fuser),
     which on CPU costs ~30 s of Inductor compilation per fresh process for one elementwise op."""
-    return torch.nn.functional.relu(x).square()
+    return _SquaredReLU.apply(x)
 
 
 def to_dtype(value: Union[str, torch.dtype]) -> torch.dtype:

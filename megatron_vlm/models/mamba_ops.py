@@ -53,10 +53,14 @@ def causal_conv1d_silu(
         )
         return out.transpose(1, 2)
     if seq_idx is None:
-        out = F.conv1d(x.transpose(1, 2), weight.unsqueeze(1), bias, padding=k - 1, groups=dim)
+        # Causal: the k-1 zeros go on the left only, in the one copy that makes the input
+        # channels-first anyway, so the convolution yields exactly l outputs (no slice of a
+        # longer output, whose backward zero-fills and copies). Same sums as padding=k-1.
+        xc = F.pad(x.transpose(1, 2), (k - 1, 0))
+        out = F.conv1d(xc, weight.unsqueeze(1), bias, groups=dim)
         # Back to contiguous [b, l, d] before the SiLU: its backward then runs on matching
         # layouts, and the head reshapes downstream are views instead of copies.
-        return F.silu(out[..., :seqlen].transpose(1, 2).contiguous())
+        return F.silu(out.transpose(1, 2).contiguous())
     # Packed: sum of k shifted taps, each masked where the shifted token is in another sequence.
     xp = F.pad(x, (0, 0, k - 1, 0))
     ids = F.pad(seq_idx, (k - 1, 0), value=-1)  # -1 never equals a real id

@@ -25,11 +25,48 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 
+class _GroupRMSNorm(torch.autograd.Function):
+    """weight * h / rms(h), the rms taken over contiguous groups of ``group_size`` channels of
+    the last axis (fp32 in, fp32 out).
+
+    Forward: the same operations as ``h * rsqrt(h.pow(2).mean(-1) + eps)`` then ``* weight``.
+    Backward: the same floating-point products and sums as autograd's for that graph (so the
+    same bits), in fewer full-size passes: the mean's and the square's backward, which autograd
+    runs as an expanded division, a ``pow(h, 1)`` copy, a doubling and a product, are one product
+    of ``h`` with a per-group factor (scaling by 2 is exact, so where it is applied does not
+    change a bit). ``h`` is passed twice, as the factor of the product with 1/rms and as the
+    base of the square, and gets those two gradients separately, so that they are summed with
+    its other gradients (the residual's) in autograd's order.
+    """
+
+    @staticmethod
+    def forward(ctx, h, h_squared, weight, eps, group_size):
+        shape = h.shape
+        hg = h.view(*shape[:-1], shape[-1] // group_size, group_size)
+        rstd = torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)
+        hn = (hg * rstd).view(shape)
+        ctx.save_for_backward(hg, rstd, hn, weight)
+        return weight * hn
+
+    @staticmethod
+    def backward(ctx, grad):
+        hg, rstd, hn, weight = ctx.saved_tensors
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            lead = tuple(range(grad.dim() - weight.dim()))
+            grad_weight = (grad * hn).sum(lead, keepdim=True).view(weight.shape)
+        grad_hn = (grad * weight).view(hg.shape)
+        grad_h = grad_hn * rstd
+        grad_rstd = (grad_hn * hg).sum(-1, keepdim=True)
+        grad_mean = (-0.5 * grad_rstd) * rstd.pow(3) / hg.shape[-1]  # rsqrt's, then mean's
+        grad_h_squared = hg * (2.0 * grad_mean)  # square's backward: grad_mean * 2h
+        return grad_h.view(grad.shape), grad_h_squared.view(grad.shape), grad_weight, None, None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / rms(x) over the last axis, computed in fp32."""
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.float() * xf).to(x.dtype)
+    return _GroupRMSNorm.apply(xf, xf, weight.float(), eps, x.shape[-1]).to(x.dtype)
 
 
 def param_device(config: TransformerConfig) -> Optional[torch.device]:
@@ -93,10 +130,7 @@ class GatedRMSNorm(nn.Module):
         """``z`` None: ``y`` is already gated (the Mamba mixer under context parallelism)."""
         dtype = y.dtype
         h = y.float() if z is None else y.float() * torch.nn.functional.silu(z.float())
-        shape = h.shape
-        h = h.view(*shape[:-1], shape[-1] // self.group_size, self.group_size)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * h.view(shape)).to(dtype)
+        return _GroupRMSNorm.apply(h, h, self.weight.float(), self.eps, self.group_size).to(dtype)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Weight sharded along axis 0 over TP ranks (megatron's ExtendedRMSNorm layout)."""

@@ -102,6 +102,37 @@ def _carry_states(a_cumsum, chunk_states, initial_state, chunk_seq_ids, owner):
     return states[:, :-1], states[:, -1]
 
 
+class _DecayedScores(torch.autograd.Function):
+    """scores[b, c, h, l, s] = decay(l, s) * (C_l . B_s), with decay = exp(a_col + a_row) masked
+    to 0 at ``outside`` (above the diagonal, across a sequence boundary) and C.B ([b, c, g, l, s])
+    broadcast over the heads of its group.
+
+    The same floating-point operations as the autograd graph of ``exp(masked_fill(a_col + a_row))
+    * cb`` (so the same bits), but the chunk-sized [b, c, h, l, s] intermediates are made once and
+    updated in place: the mask and the exp in the forward, the exp's backward in the backward,
+    and no masked_fill backward (the decay is exactly 0 where masked, so its gradient already
+    is). At 16K tokens each of these is a 33 MB tensor per Mamba layer.
+    """
+
+    @staticmethod
+    def forward(ctx, a_col, a_row, outside, cb):
+        decay = (a_col + a_row).masked_fill_(outside, float("-inf")).exp_()  # [b, c, h, l, s]
+        b, c, h, q, _ = decay.shape
+        g = cb.shape[2]
+        decay6 = decay.view(b, c, g, h // g, q, q)
+        cb6 = cb.unsqueeze(3)
+        ctx.save_for_backward(decay6, cb6)
+        return (decay6 * cb6).view(b, c, h, q, q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        decay6, cb6 = ctx.saved_tensors
+        g6 = grad.reshape(decay6.shape)
+        grad_cb = (g6 * decay6).sum(3)
+        grad_diff = (g6 * cb6).mul_(decay6).view(grad.shape)  # exp's backward: grad * exp
+        return grad_diff.sum(-1, keepdim=True), grad_diff.sum(-2, keepdim=True), None, grad_cb
+
+
 def ssd_chunked_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -160,13 +191,12 @@ def ssd_chunked_scan(
     # kernels use; within one chunk the fp32 cancellation is far below the scan's tolerance),
     # 0 above it and across a sequence boundary. The difference is written as a sum with the
     # negated small tensor so that its backward needs no full-size negation, and both masks are
-    # one masked_fill before the exp (exp(-inf) = 0, with a zero gradient).
-    diff = a_cumsum.unsqueeze(-1) + (-a_cumsum).unsqueeze(-2)  # [b, c, h, l, s]
-    outside = ~torch.tril(torch.ones(q, q, dtype=torch.bool, device=diff.device))
+    # one masked_fill before the exp (exp(-inf) = 0, with a zero gradient); ``_DecayedScores``
+    # does this and the product with C.B (step 1).
+    outside = ~torch.tril(torch.ones(q, q, dtype=torch.bool, device=a_cumsum.device))
     if seq_idx is not None:
         sc = seq_idx.view(bsz, nchunks, q)
         outside = outside | (sc.unsqueeze(-1) != sc.unsqueeze(-2)).unsqueeze(2)  # [b, c, 1, l, s]
-    decay = torch.exp(diff.masked_fill(outside, float("-inf")))  # [b, c, h, l, s]
 
     # dt_s * x_s, made contiguous once as [b, c, h, s, p]: the layout of the batched matmuls
     # below, which would otherwise each copy a permuted view (forward and backward).
@@ -176,8 +206,7 @@ def ssd_chunked_scan(
     #    C.B is per group; it broadcasts over the heads of its group (heads are contiguous per
     #    group) instead of being repeated to every head.
     cb = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)  # [b, c, g, l, s]
-    scores = (decay.reshape(bsz, nchunks, ngroups, heads_per_group, q, q) * cb.unsqueeze(3)).view(
-        bsz, nchunks, nheads, q, q)
+    scores = _DecayedScores.apply(a_cumsum.unsqueeze(-1), (-a_cumsum).unsqueeze(-2), outside, cb)
     y = torch.matmul(scores, xdt)  # [b, c, h, l, p]
 
     # 2) State each chunk contributes at its own end: sum_s decay(end, s) B_s dt_s x_s.
