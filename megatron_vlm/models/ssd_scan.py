@@ -128,8 +128,10 @@ class _DecayedScores(torch.autograd.Function):
     def backward(ctx, grad):
         decay6, cb6 = ctx.saved_tensors
         g6 = grad.reshape(decay6.shape)
-        grad_cb = (g6 * decay6).sum(3)
-        grad_diff = (g6 * cb6).mul_(decay6).view(grad.shape)  # exp's backward: grad * exp
+        product = g6 * decay6
+        grad_cb = product.sum(3)
+        # exp's backward, grad * exp, in the same buffer (one chunk-sized tensor fewer).
+        grad_diff = torch.mul(g6, cb6, out=product).mul_(decay6).view(grad.shape)
         return grad_diff.sum(-1, keepdim=True), grad_diff.sum(-2, keepdim=True), None, grad_cb
 
 
