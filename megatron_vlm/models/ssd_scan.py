@@ -241,9 +241,16 @@ def ssd_chunked_scan(
     Ch = (Cg * out_decay).reshape(bsz, nchunks, nheads, q, dstate)  # [b, c, h, l, n]
     y = y + torch.matmul(Ch, entering.transpose(-1, -2))  # [b, c, h, l, p]
 
-    y = y.transpose(2, 3).reshape(bsz, nchunks * q, nheads, headdim)[:, :seqlen]
-    if D is not None:
-        y = y + xf[:, :seqlen] * D.float().view(1, 1, nheads, 1)
+    y = y.transpose(2, 3)  # [b, c, l, h, p]: token order, not contiguous
+    if D is not None and nchunks * q == seqlen:
+        # The skip term as the first operand: the sum then comes out contiguous in token order,
+        # so no separate copy of the transposed y (same products and sums).
+        skip = xf * D.float().view(1, 1, nheads, 1)
+        y = (skip.view(y.shape) + y).view(bsz, seqlen, nheads, headdim)
+    else:
+        y = y.reshape(bsz, nchunks * q, nheads, headdim)[:, :seqlen]
+        if D is not None:
+            y = y + xf[:, :seqlen] * D.float().view(1, 1, nheads, 1)
     y = y.to(out_dtype)
     if return_final_states:
         return y, state
