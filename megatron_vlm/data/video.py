@@ -163,7 +163,7 @@ class VideoOptions:
     max_frames: int = 128
     backend: str = "auto"  # auto | dali_gpu | dali_cpu | pyav
     evs_rate: float = 0.0  # EVS pruning rate q (0 = off)
-    evs_rate_sampling: str = "fixed"  # fixed | beta (a per-sample draw around evs_rate, training)
+    evs_rate_sampling: str = "fixed"  # fixed | beta | uniform (a per-sample draw, training)
 
 
 def set_evs_rates(meta: dict, options: VideoOptions, seed: int, key: str) -> None:
@@ -180,11 +180,15 @@ def set_evs_rates(meta: dict, options: VideoOptions, seed: int, key: str) -> Non
 
 
 def draw_rate(target: float, sampling: str, rng, concentration: float = 20.0) -> float:
-    """EVS pruning rate of one training sample: ``target`` ("fixed"), or a Beta draw with mean
-    ``target`` ("beta"), as the paper's uptraining with stochastic pruning rates."""
+    """EVS pruning rate of one training sample: ``target`` ("fixed"); a Beta draw with mean
+    ``target`` ("beta"), as the paper's uptraining with stochastic pruning rates; or uniform in
+    [0, ``target``] ("uniform"), so that one model serves every rate up to ``target``, pruning
+    off included."""
     if sampling == "fixed" or target <= 0.0:
         return float(target)
+    if sampling == "uniform":
+        return float(rng.uniform(0.0, target))
     if sampling != "beta":
-        raise ValueError(f"unknown EVS rate sampling {sampling!r} (fixed | beta)")
+        raise ValueError(f"unknown EVS rate sampling {sampling!r} (fixed | beta | uniform)")
     a, b = target * concentration, (1 - target) * concentration
     return float(min(max(rng.beta(a, b), 0.0), 0.99))

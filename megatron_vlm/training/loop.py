@@ -185,12 +185,12 @@ def _reopen_loader_for(stage: _Stage, resume_from, meta: dict) -> None:
 def _evaluate(stage: _Stage) -> dict:
     from megatron_vlm.training.batch_io import distribute_step_batches
     from megatron_vlm.training.evaluate import evaluate_losses
-    from megatron_vlm.training.vlm_step import vlm_forward_step
+    from megatron_vlm.training.vlm_step import schedule_shape, vlm_forward_step
 
     placed = {name: distribute_step_batches(batches)
               for name, batches in stage.eval_batches.items()}
-    return evaluate_losses(stage.ddp, placed, vlm_forward_step, stage.recipe.data.seq_length,
-                           stage.recipe.train.micro_batch_size)
+    return evaluate_losses(stage.ddp, placed, vlm_forward_step,
+                           *schedule_shape(stage.recipe.data.seq_length, stage.recipe.train.micro_batch_size))
 
 
 def _save(stage: _Stage, step: int) -> None:
@@ -207,7 +207,7 @@ def _save(stage: _Stage, step: int) -> None:
 def _train_step(stage: _Stage, step: int) -> None:
     """Step ``step`` (1-based): fetch, forward/backward/update, schedule, logging."""
     from megatron_vlm.training.batch_io import DATA_WAIT, distribute_step_batches
-    from megatron_vlm.training.vlm_step import vlm_forward_step
+    from megatron_vlm.training.vlm_step import schedule_shape, vlm_forward_step
 
     recipe, loader = stage.recipe, stage.loader
     step_start = time.perf_counter()
@@ -215,9 +215,9 @@ def _train_step(stage: _Stage, step: int) -> None:
     batches = distribute_step_batches(fetched)  # header and text tensors to the group
     fetch_wait = time.perf_counter() - step_start
     DATA_WAIT.take()
+    seq_length, micro_batch_size = schedule_shape(recipe.data.seq_length, recipe.train.micro_batch_size)
     last = train_step(stage.ddp, stage.optimizer, iter(batches), num_microbatches=stage.num_micro,
-                      seq_length=recipe.data.seq_length,
-                      micro_batch_size=recipe.train.micro_batch_size,
+                      seq_length=seq_length, micro_batch_size=micro_batch_size,
                       forward_step_func=vlm_forward_step)
     if not math.isfinite(last["loss"]):  # train_step made no update
         if not recipe.train.skip_nan_steps:

@@ -130,7 +130,7 @@ class VideoSection:
     fps: float = 2.0                 # frames sampled per second of a clip
     max_frames: int = 128            # longer clips: this many frames spread uniformly
     evs_rate: float = 0.0            # EVS pruning rate q of video tokens (0 = off), train and eval
-    evs_rate_sampling: str = "fixed"  # fixed | beta (training: a per-sample rate around evs_rate)
+    evs_rate_sampling: str = "fixed"  # fixed | beta | uniform (training: a per-sample rate, see data/video.py)
     backend: str = "auto"            # auto | dali_gpu | dali_cpu | pyav (video_decode.py)
 
 
@@ -160,7 +160,7 @@ CHOICES = {
     "recompute.mode": ("none", "selective", "full"),
     "recompute.method": ("uniform", "block"),
     "fp8.recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
-    "video.evs_rate_sampling": ("fixed", "beta"),
+    "video.evs_rate_sampling": ("fixed", "beta", "uniform"),
     "video.backend": ("auto", "dali_gpu", "dali_cpu", "pyav"),
 }
 
@@ -329,7 +329,7 @@ def _check_values(recipe: Recipe, src: str) -> None:
 
 def _check_context_parallel(recipe: Recipe, src: str) -> None:
     """CP cuts every packed sample into 2*cp chunks (and each rank's share over TP with sequence
-    parallelism), one packed row per micro batch (megatron's THD layout)."""
+    parallelism); a micro batch's rows go through the model as one THD row (training/vlm_step.py)."""
     p = recipe.parallel
     if p.cp == 1:
         return
@@ -338,10 +338,6 @@ def _check_context_parallel(recipe: Recipe, src: str) -> None:
         what = "2 x cp x tp (sequence parallelism)" if p.sequence_parallel else "2 x cp"
         raise RecipeError(f"{src}: data.seq_length={recipe.data.seq_length} must be divisible by "
                           f"{what} = {multiple} with parallel.cp={p.cp}")
-    if recipe.train.micro_batch_size != 1:
-        raise RecipeError(f"{src}: train.micro_batch_size={recipe.train.micro_batch_size}: "
-                          f"context parallelism (parallel.cp={p.cp}) takes one packed row per "
-                          "micro batch; use micro_batch_size=1")
 
 
 def check_model_parallel(recipe: Recipe) -> None:

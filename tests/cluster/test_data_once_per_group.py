@@ -14,7 +14,7 @@ from megatron_vlm.training.batch_io import READ_ON_EVERY_RANK_ENV
 from tests.training.conftest import launch_train, read_log
 
 STEPS = 2
-COMMON = ["checkpoint.init_from=null", f"train.steps={STEPS}", "train.global_batch_size=2",
+COMMON = ["checkpoint.init_from=null", f"train.steps={STEPS}", "train.global_batch_size=2", "train.micro_batch_size=1",
           "schedule.warmup_steps=0", "eval.batches=1", "logging.interval=1",
           "logging.tensorboard=false"]
 

@@ -59,7 +59,7 @@ def test_tiny_vlm_training_step(workdir, precision):
     from tests.training.conftest import launch_train, read_log
 
     launch_train(workdir, "stage1", "parallel.tp=1", f"train.precision={precision}",
-                 "checkpoint.init_from=null", "train.steps=3", "train.global_batch_size=2",
+                 "checkpoint.init_from=null", "train.steps=3", "train.global_batch_size=2", "train.micro_batch_size=1",
                  "schedule.warmup_steps=0", "eval.batches=1", "logging.interval=1",
                  f"checkpoint.dir=runs/{precision}", nproc=1)
     log = read_log(workdir / "runs" / precision)
@@ -76,7 +76,7 @@ def test_tp2_training_step(workdir):
 
     launch_train(workdir, "stage1", "parallel.tp=2", "parallel.sequence_parallel=true",
                  "train.precision=bf16", "checkpoint.init_from=null", "train.steps=2",
-                 "train.global_batch_size=2", "schedule.warmup_steps=0", "eval.batches=1",
+                 "train.global_batch_size=2", "train.micro_batch_size=1", "schedule.warmup_steps=0", "eval.batches=1",
                  "logging.interval=1", "checkpoint.dir=runs/tp2", nproc=2)
     log = read_log(workdir / "runs" / "tp2")
     assert all(math.isfinite(log[s]["loss"]) for s in (1, 2))

@@ -50,6 +50,16 @@ def vlm_batch() -> dict:
     return batch
 
 
+def two_row_vlm_batch() -> dict:
+    """A micro batch of two packed rows: ``vlm_batch`` and a text-only row; ``cu_seqlens`` over
+    the flattened 2 x 256 tokens (the model sees one THD row, training/vlm_step.py)."""
+    first, second = vlm_batch(), packed_text_batch([100, 156], seed=7)
+    batch = {k: torch.cat([first[k], second[k]]) for k in ("tokens", "labels", "loss_mask")}
+    batch["cu_seqlens"] = torch.cat([first["cu_seqlens"], second["cu_seqlens"][1:] + 256])
+    batch["tiles"] = first["tiles"]
+    return batch
+
+
 def _grads(model) -> dict:
     return {n: p.main_grad.detach().clone() for n, p in model.named_parameters()
             if p.requires_grad}
@@ -59,12 +69,14 @@ def _loss_and_grads(model, batches, forward_step) -> tuple:
     from megatron_vlm.training.optim import build_optimizer, wrap_with_ddp
     from megatron_vlm.training.recipe import OptimizerSection
     from megatron_vlm.training.step import _scheduled_mean_loss
+    from megatron_vlm.training.vlm_step import schedule_shape
 
     ddp = wrap_with_ddp([model], distributed_optimizer=False)
     build_optimizer(ddp, OptimizerSection(lr=1e-3, distributed=False))  # finalize_model_grads
     ddp[0].zero_grad_buffer()
-    loss = _scheduled_mean_loss(ddp, iter(batches), len(batches), batches[0]["tokens"].shape[1],
-                                1, forward_step, forward_only=False)
+    rows, seq = batches[0]["tokens"].shape
+    loss = _scheduled_mean_loss(ddp, iter(batches), len(batches), *schedule_shape(seq, rows),
+                                forward_step, forward_only=False)
     return loss, _grads(model)
 
 
@@ -97,7 +109,7 @@ def cp_matches_single(kind: str, ckpt_dir: str, lengths=None, first_cp: int = 1,
     written at ``first_cp`` and loaded at the other size), both at the given TP/PP sizes."""
     from tests.parallel_utils import load_checkpoint, save_checkpoint
 
-    batches = [packed_text_batch(lengths)] if kind == "llm" else [vlm_batch()]
+    batches = [packed_text_batch(lengths)] if kind == "llm" else [two_row_vlm_batch()]
     results = {}
     for phase, cp in enumerate((first_cp, 3 - first_cp)):
         initialize_distributed(cp=cp, tp=tp, pp=pp, seed=1234)

@@ -30,6 +30,7 @@ def test_llm_cp2_matches_cp1_on_long_packed_row(tmp_path):
 
 
 def test_vlm_cp2_matches_cp1_with_image_tokens_across_the_split(tmp_path):
+    """A micro batch of two packed rows (image tokens across the CP split in the first)."""
     results = run_multiproc("tests.cp.bodies:cp_matches_single", nproc=2, timeout=900,
                             kind="vlm", ckpt_dir=str(tmp_path / "ckpt"), first_cp=1)
     for res in results:

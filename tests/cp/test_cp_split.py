@@ -80,9 +80,6 @@ BAD = {
                      "parallel.cp=2: mamba groups per TP rank (3/tp=3) must be divisible by cp=2"),
     "sequence": ("parallel: {cp: 2}\ndata: {seq_length: 250}",
                  "data.seq_length=250 must be divisible by 2 x cp = 4 with parallel.cp=2"),
-    "micro batch": ("parallel: {cp: 2}\ntrain: {micro_batch_size: 2}",
-                    "train.micro_batch_size=2: context parallelism (parallel.cp=2) takes one "
-                    "packed row per micro batch"),
     "comm type": ("parallel: {cp: 2, cp_comm_type: ring}",
                   "parallel.cp_comm_type: must be one of ('p2p', 'all_gather', 'a2a')"),
 }

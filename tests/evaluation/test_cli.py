@@ -21,7 +21,7 @@ def _evaluate(workdir, *args):
 
 def test_cli_scores_a_tp2_checkpoint_at_tp1(eval_workdir):
     launch_train(eval_workdir, "base", "train.steps=2", "schedule.warmup_steps=0", "parallel.tp=2",
-                 "train.global_batch_size=2", "eval.batches=1", "checkpoint.dir=runs/base")
+                 "train.global_batch_size=2", "train.micro_batch_size=1", "eval.batches=1", "checkpoint.dir=runs/base")
     assert (eval_workdir / "runs/base/latest").read_text().strip() == "step_0000002"
     # tasks from the recipe's eval.tasks (no --tasks); the recipe's TP=2 is evaluated at TP=1
     proc = _evaluate(eval_workdir, "--recipe", "recipes/tiny/base.yaml", "--checkpoint", "runs/base",

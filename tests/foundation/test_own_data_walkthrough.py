@@ -20,7 +20,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 SECTION = "## Train on your own data"
 # Test-size overrides appended to the README's training command (its recipe trains 200 steps).
-TRAIN_OVERRIDES = ["train.steps=2", "train.global_batch_size=2", "schedule.warmup_steps=0",
+TRAIN_OVERRIDES = ["train.steps=2", "train.global_batch_size=2", "train.micro_batch_size=1", "schedule.warmup_steps=0",
                    "eval.batches=1"]
 
 

@@ -28,7 +28,7 @@ CASES = {
     # The LLM pretraining recipe: text and code, vision frozen.
     "tiny_base": ("base", ["train.global_batch_size=4"]),
     # A VLM stage from scratch (no init_from): images through RADIO, the connector and the LLM.
-    "tiny_stage1": ("stage1", ["checkpoint.init_from=null", "train.global_batch_size=2"]),
+    "tiny_stage1": ("stage1", ["checkpoint.init_from=null", "train.global_batch_size=4"]),
 }
 
 

@@ -235,7 +235,7 @@ def test_training_reports_skipped_samples_by_reason(workdir):
         writer.add(f"json{i:02d}", [("json", b"{broken")])
     writer.close()
     proc = launch_train(workdir, "base", "train.steps=2", "schedule.warmup_steps=0",
-                        "train.global_batch_size=2", "checkpoint.dir=runs/bad_data",
+                        "train.global_batch_size=2", "train.micro_batch_size=1", "checkpoint.dir=runs/bad_data",
                         "data.blend=[{path: demo_data/shards/text/train}, {path: bad/data-00000.tar}]",
                         "data.eval=[{path: demo_data/shards/text/eval}]", "eval.batches=1", nproc=1)
     line = next(x for x in proc.stdout.splitlines() if "data @ step" in x)

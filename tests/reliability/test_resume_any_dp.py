@@ -60,7 +60,8 @@ def test_consumed_samples_do_not_depend_on_the_dp_size(demo_data):
 
 def test_dp2_checkpoint_resumes_at_dp1_and_back_with_the_same_losses(workdir):
     common = ["schedule.warmup_steps=0", "checkpoint.interval=2", "checkpoint.keep=0",
-              f"train.global_batch_size={GBS}", "parallel.tp=1", *TEXT_DATA]
+              f"train.global_batch_size={GBS}", f"train.micro_batch_size={MBS}", "parallel.tp=1",
+              *TEXT_DATA]
     launch_train(workdir, "stage1", f"train.steps={STEPS}", "checkpoint.init_from=null",
                  "checkpoint.dir=runs/dp2", *common)
     full = read_log(workdir / "runs/dp2")
@@ -92,7 +93,7 @@ def test_checkpoint_with_per_rank_loader_states_resumes_at_its_own_dp_size(workd
     their DP size with per-rank loaders, and are refused clearly at another."""
     from tests.reliability.test_checkpoint_damage import TEXT_DATA as TEXT
 
-    common = ["schedule.warmup_steps=0", "train.global_batch_size=2", "checkpoint.interval=2",
+    common = ["schedule.warmup_steps=0", "train.global_batch_size=2", "train.micro_batch_size=1", "checkpoint.interval=2",
               *TEXT]
     launch_train(workdir, "base", "train.steps=2", "checkpoint.dir=runs/old", *common)
     step = workdir / "runs/old/step_0000002"

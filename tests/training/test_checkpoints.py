@@ -64,7 +64,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
 @pytest.mark.slow  # ~40 s; make test-all
 def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss_and_in_bf16(workdir):
     launch_train(workdir, "base", "train.steps=2", "schedule.warmup_steps=0", "parallel.tp=2",
-                 "train.global_batch_size=2", "checkpoint.dir=runs/tp2", *TEXT_DATA)
+                 "train.global_batch_size=2", "train.micro_batch_size=1", "checkpoint.dir=runs/tp2", *TEXT_DATA)
     kwargs = dict(workdir=str(workdir), checkpoint=str(workdir / "runs/tp2"), overrides=TEXT_DATA)
     tp2 = run_multiproc("tests.training.train_bodies:checkpoint_eval_loss", nproc=2, tp=2, **kwargs)
     (tp1,) = run_multiproc("tests.training.train_bodies:checkpoint_eval_loss", nproc=1, tp=1,
@@ -81,7 +81,7 @@ def test_tp2_checkpoint_loads_at_tp1_with_the_same_loss_and_in_bf16(workdir):
     # Same data-parallel size (1), other tensor-parallel size: model and distributed-optimizer
     # state reshard, and training continues.
     resumed = launch_train(workdir, "base", "train.steps=4", "schedule.warmup_steps=0",
-                           "parallel.tp=1", "train.global_batch_size=2",
+                           "parallel.tp=1", "train.global_batch_size=2", "train.micro_batch_size=1",
                            "checkpoint.dir=runs/tp2", *TEXT_DATA, nproc=1)
     assert "at step 2" in resumed.stdout
     assert sorted(read_log(workdir / "runs/tp2")) == [1, 2, 3, 4]

@@ -39,7 +39,7 @@ def _cut_after(src: Path, dst: Path, step: int) -> None:
 def test_resume_with_only_the_checkpoint_path_gives_the_uninterrupted_losses(workdir, monkeypatch,
                                                                             capsys):
     full = _train(workdir, "--recipe", "recipes/tiny/base.yaml", "train.steps=4",
-                  "train.global_batch_size=2", "checkpoint.interval=2", "checkpoint.keep=0",
+                  "train.global_batch_size=2", "train.micro_batch_size=1", "checkpoint.interval=2", "checkpoint.keep=0",
                   "schedule.warmup_steps=1", "logging.tensorboard=false",
                   "checkpoint.dir=runs/full", *TEXT_DATA)
     assert full.returncode == 0, full.stderr[-3000:]

@@ -139,3 +139,36 @@ def packed_vs_alone(workdir: str, overrides: list) -> dict:
             image_samples += int(n_tiles > 0)
     return {"max_diff": max(diffs), "samples": samples, "image_samples": image_samples,
             "loss": loss_packed.item()}
+
+
+def micro_batch_sizes_agree(workdir: str, overrides: list) -> dict:
+    """The same 4 packed rows as 4 micro batches of 1 row and as 1 micro batch of 4 rows
+    (megatron's THD layout: one row of 4 x seq tokens): loss and gradients through the schedule."""
+    from megatron_vlm.distributed import initialize_distributed
+    from megatron_vlm.training.data_setup import build_train_loader
+    from megatron_vlm.training.model_setup import build_model_chunks
+    from megatron_vlm.training.optim import wrap_with_ddp
+    from megatron_vlm.training.step import _scheduled_mean_loss
+    from megatron_vlm.training.vlm_step import schedule_shape, vlm_forward_step
+
+    initialize_distributed()
+    results, ddp = {}, None
+    for mbs in (1, 4):
+        recipe = _recipe(workdir, "stage1", overrides + ["parallel.tp=1", f"train.micro_batch_size={mbs}",
+                                                         "train.global_batch_size=4"])
+        if ddp is None:
+            chunks, tokenizer, model_cfg = build_model_chunks(recipe)
+            ddp = wrap_with_ddp(chunks, distributed_optimizer=False)
+            ddp[0].config.finalize_model_grads_func = None  # raw summed gradients, compared below
+        ddp[0].zero_grad_buffer()
+        loader = build_train_loader(recipe, tokenizer, model_cfg, 0, 1)
+        batches = [next(loader) for _ in range(4 // mbs)]
+        seq, micro = schedule_shape(recipe.data.seq_length, mbs)
+        loss = _scheduled_mean_loss(ddp, iter(batches), len(batches), seq, micro, vlm_forward_step,
+                                    forward_only=False)
+        grads = torch.cat([p.main_grad.reshape(-1) for p in ddp[0].parameters() if p.requires_grad])
+        results[mbs] = {"loss": loss, "grad_norm": grads.norm().item(), "grads": grads.clone(),
+                        "rows": [k for b in batches for k in b["sample_keys"]],
+                        "tiles": sum(int(b["tiles"].shape[0]) for b in batches)}
+    diff = (results[1].pop("grads") - results[4].pop("grads")).abs().max().item()
+    return {**results, "max_grad_diff": diff}

@@ -51,3 +51,10 @@ def test_beta_rate_mean_near_target():
     draws = [draw_rate(0.75, "beta", rng) for _ in range(2000)]
     assert abs(np.mean(draws) - 0.75) < 0.01 and np.std(draws) > 0.05
     assert draw_rate(0.75, "fixed", rng) == 0.75
+
+
+def test_uniform_rate_covers_zero_to_target():
+    rng = np.random.default_rng(0)
+    draws = np.array([draw_rate(0.75, "uniform", rng) for _ in range(2000)])
+    assert draws.min() >= 0.0 and draws.max() <= 0.75
+    assert abs(draws.mean() - 0.375) < 0.015 and (draws < 0.1).mean() > 0.1
