@@ -275,6 +275,11 @@ class NemotronVLModel(MegatronModule):
         (``make_packed_seq_params(cu_seqlens)``) keeps packed samples apart in the LLM.
         ``tiles_per_media`` / ``media_tokens`` (batch keys) switch on EVS for the videos they mark.
         """
+        if packed_seq_params is not None and input_ids is not None and input_ids.shape[0] > 1:
+            # megatron's packed (THD) layout has b = 1; otherwise attention fails deep inside torch
+            raise ValueError(f"packed rows go through the model as one row: got input_ids of shape "
+                             f"{tuple(input_ids.shape)} with packed_seq_params; pass "
+                             "input_ids.reshape(1, -1) (training/vlm_step.py as_one_row)")
         decoder_input = None
         # Context parallelism: the whole sequence is embedded (image embeddings land on their
         # placeholders wherever the CP split falls), then cut to this rank's tokens.

@@ -6,7 +6,7 @@ from tests.multiproc import run_multiproc
 
 def test_packed_sample_losses_equal_samples_alone(workdir):
     overrides = ["data.blend=[{path: demo_data/shards/ocr/train}, {path: demo_data/shards/text/train}]",
-                 "data.seq_length=512"]
+                 "data.seq_length=512", "train.micro_batch_size=1"]  # one row, indexed below
     (res,) = run_multiproc("tests.training.train_bodies:packed_vs_alone", nproc=1,
                            workdir=str(workdir), overrides=overrides)
     assert res["samples"] >= 3 and res["image_samples"] >= 1, res

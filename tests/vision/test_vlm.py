@@ -127,6 +127,9 @@ def test_packed_row_matches_separate_samples(model):
     diff = (packed.view(3, SEQ) - separate).abs().max().item()
     print(f"packed vs separate: max |diff| = {diff:.3g}")
     assert diff <= 1e-5
+    # Several rows with packed_seq_params: a clear error, not a shape error inside attention.
+    with pytest.raises(ValueError, match="packed rows go through the model as one row"):
+        model(batch["tokens"], tiles=batch["tiles"], packed_seq_params=make_packed_seq_params(cu))
 
 
 def test_stage0_optimizer_step_updates_only_the_connector(megatron_single):
