@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_vlm.data_prep.demo_tasks import _video_story, render_clip  # noqa: E402
+from megatron_vlm.data_prep.demo_tasks import VIDEO_SIZE, render_clip  # noqa: E402
 from megatron_vlm.data.video import frame_times, plan_frames  # noqa: E402
 from megatron_vlm.data.video_decode import _to_tile, decode_clip  # noqa: E402
 from megatron_vlm.data.video_encode import decode_all, encode_frames  # noqa: E402
@@ -35,8 +35,8 @@ def _clip(size: int, duration: float, fps: int, codec: str) -> bytes:
     from PIL import Image
 
     rng = random.Random(0)
-    _, _, objs = _video_story(rng, ["red", "blue", "green"])
-    frames, times = render_clip(rng, duration, fps, False, objs)
+    edge = VIDEO_SIZE - 10  # a ball crossing the demo scene from left to right
+    frames, times = render_clip(rng, duration, fps, False, "red", (10, VIDEO_SIZE // 2), (edge, VIDEO_SIZE // 2))
     frames = [np.asarray(Image.fromarray(f).resize((size, size))) for f in frames]
     return encode_frames(frames, times, codec)
 

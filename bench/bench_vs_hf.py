@@ -92,10 +92,11 @@ def build_vlm_pair(max_len: int, workdir: Path):
 
 def vlm_batch(cfg: dict, ids: dict, length: int, tile: int = 128):
     """[1, length] ids, half of them the placeholders of 128 px tiles, and those tiles."""
-    from megatron_vlm.conversion.verify import packed_patches, tokens_per_tile
+    from megatron_vlm.conversion.verify import packed_patches
+    from megatron_vlm.data.tiling import tokens_per_tile
 
     g = torch.Generator().manual_seed(length)
-    per_tile = tokens_per_tile(cfg, tile)
+    per_tile = tokens_per_tile(tile, cfg["vision_model"]["patch_size"], cfg["downsample_ratio"])
     n = max(1, length // 2 // (per_tile + 2))
     text = torch.randint(8, ids["vocab_size"], (1, length), generator=g)
     for i in range(n):
