@@ -15,13 +15,13 @@ Callers decide what to count and log; the reader itself never logs.
 from __future__ import annotations
 
 import os
-import tarfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from braceexpand import braceexpand
 
 from .schema import split_member_name
+from .tar_stream import TarHeaderError, TarReader, TarTruncatedError, open_tar_stream
 
 
 @dataclass
@@ -47,14 +47,13 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def _open_tar(url: str):
+def _open_tar(url: str) -> TarReader:
     if _is_local(url) or url.startswith("file://"):
         path = url[len("file://") :] if url.startswith("file://") else url
-        return tarfile.open(path, mode="r:*"), None
+        return open_tar_stream(open(path, "rb"))
     import webdataset  # only needed for remote / pipe urls
 
-    stream = webdataset.gopen(url, "rb")
-    return tarfile.open(fileobj=stream, mode="r|*"), stream
+    return open_tar_stream(webdataset.gopen(url, "rb"))
 
 
 def read_shard(url: str, skip_samples: int = 0, keep: Callable[[int], bool] | None = None) -> Iterator[RawSample]:
@@ -63,12 +62,12 @@ def read_shard(url: str, skip_samples: int = 0, keep: Callable[[int], bool] | No
     keep: optional predicate on a sample's index in the shard; samples it rejects are passed
     over (not yielded, data not read). skip_samples: number of leading *kept* samples (error
     records included) to pass over likewise. On a local file passed-over data is not even read
-    (tarfile seeks past it).
+    (the reader seeks past it).
     """
     name = os.path.basename(url)
     try:
-        tar, stream = _open_tar(url)
-    except (OSError, tarfile.TarError) as exc:
+        tar = _open_tar(url)
+    except OSError as exc:
         if skip_samples == 0:  # one record per visit, whichever samples the caller keeps
             yield RawSample(shard=name, key="", error=f"cannot open shard: {type(exc).__name__}: {exc}",
                             error_kind="open_failed")
@@ -84,24 +83,25 @@ def read_shard(url: str, skip_samples: int = 0, keep: Callable[[int], bool] | No
             sample.error_kind = "missing_json"
         return sample
 
+    members = iter(tar)
     try:
         while True:
             try:
-                info = tar.next()
-            except (tarfile.TarError, OSError, EOFError) as exc:
+                info = next(members, None)
+            except (TarHeaderError, TarTruncatedError, OSError, EOFError) as exc:
+                if current is None and index == 0:  # nothing readable: not a tar file at all
+                    if skip_samples == 0:
+                        yield RawSample(shard=name, key="", error=f"cannot open shard: not a tar archive ({exc})",
+                                        error_kind="open_failed")
+                    return
                 where = f"after member {current.key}" if current else "at start"
                 err = f"damaged tar header {where}: {exc}"
-                if current is None:
-                    if skip_samples == 0 and (keep is None or keep(0)):
-                        yield RawSample(shard=name, key="", error=err, error_kind="damaged_header")
-                elif wanted:
+                if wanted:
                     current.error, current.error_kind = err, "damaged_header"
                     yield current
                 return
             if info is None:
                 break
-            if not info.isfile():
-                continue
             key, suffix = split_member_name(info.name)
             if current is None or key != current.key:
                 if current is not None:
@@ -115,9 +115,8 @@ def read_shard(url: str, skip_samples: int = 0, keep: Callable[[int], bool] | No
             if not wanted or current.error is not None:
                 continue
             try:
-                f = tar.extractfile(info)
-                current.members[suffix] = f.read() if f is not None else b""
-            except (tarfile.TarError, OSError, EOFError) as exc:
+                current.members[suffix] = tar.read(info)
+            except (TarTruncatedError, OSError, EOFError) as exc:
                 current.error = f"member {info.name} truncated or unreadable: {exc}"
                 current.error_kind = "truncated"
                 yield current
@@ -126,5 +125,3 @@ def read_shard(url: str, skip_samples: int = 0, keep: Callable[[int], bool] | No
             yield finish(current)
     finally:
         tar.close()
-        if stream is not None:
-            stream.close()

@@ -1,0 +1,127 @@
+"""The lean tar reader against Python's tarfile: same members and bytes in every format tarfile
+writes, and damage raised (not swallowed) where tarfile would stop quietly."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from megatron_vlm.data.tar_stream import TarHeaderError, TarTruncatedError, open_tar_stream
+
+FILES = [
+    ("s000.json", b'{"id": 0}'),
+    ("s000.m00.t00.png", bytes(range(256)) * 3),
+    ("s001.json", b""),  # an empty member
+    ("d" * 60 + "/" + "x" * 80 + ".json", b"long name"),  # over 100 characters: prefix / L / path
+    ("s002.caf\u00e9.txt", b"non-ascii name"),
+    ("s003.bin", b"\x00" * 1024),  # data that looks like end blocks
+]
+
+
+def _archive(fmt: int, compression: str = "", files=FILES, with_dir: bool = True) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compression}", format=fmt) as tar:
+        if with_dir:
+            d = tarfile.TarInfo("dir")
+            d.type = tarfile.DIRTYPE
+            tar.addfile(d)
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+def _ours(data: bytes, only=lambda name: True) -> list[tuple[str, bytes]]:
+    reader = open_tar_stream(io.BytesIO(data))
+    return [(m.name, reader.read(m) if only(m.name) else None) for m in reader]
+
+
+class _Pipe(io.RawIOBase):
+    """A stream that can only be read forwards, in small pieces (like a pipe)."""
+
+    def __init__(self, data: bytes):
+        self._data, self._pos = data, 0
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        n = len(self._data) - self._pos if n < 0 else min(n, 700)
+        out = self._data[self._pos:self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def seekable(self):
+        return False
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT],
+                         ids=["ustar", "gnu", "pax"])
+@pytest.mark.parametrize("compression", ["", "gz", "bz2", "xz"])
+def test_same_members_as_tarfile(fmt, compression):
+    data = _archive(fmt, compression)
+    expected = _tarfile_members(data)
+    assert [n for n, _ in expected] == [n for n, _ in FILES]  # the directory is not a member
+    assert _ours(data) == expected
+    reader = open_tar_stream(_Pipe(data))
+    assert [(m.name, reader.read(m)) for m in reader] == expected
+
+
+def test_unread_members_are_skipped_on_seekable_and_forward_only_streams():
+    data = _archive(tarfile.GNU_FORMAT)
+    wanted = {"s001.json", "s003.bin"}
+    expected = [(n, d if n in wanted else None) for n, d in _tarfile_members(data)]
+    assert _ours(data, only=wanted.__contains__) == expected
+    reader = open_tar_stream(_Pipe(data))
+    assert [(m.name, reader.read(m) if m.name in wanted else None) for m in reader] == expected
+
+
+def test_a_damaged_header_after_the_first_member_raises():
+    data = bytearray(_archive(tarfile.USTAR_FORMAT, with_dir=False, files=FILES[:3]))
+    second = 512 + 512  # header, 9 bytes of data padded to one block
+    assert data[second:second + 4] == b"s000"
+    data[second + 10] ^= 0x55  # one byte of the second member's name
+    assert len(_tarfile_members(bytes(data))) == 1  # tarfile ends there as if the archive had ended
+    reader = open_tar_stream(io.BytesIO(bytes(data)))
+    members = iter(reader)
+    first = next(members)
+    assert (first.name, reader.read(first)) == FILES[0]
+    with pytest.raises(TarHeaderError, match="at byte 1024 fails its checksum"):
+        next(members)
+
+
+def test_truncation_inside_data_and_inside_a_header_raise():
+    data = _archive(tarfile.USTAR_FORMAT, with_dir=False, files=FILES[:2])
+    cut = data[:512 + 512 + 512 + 300]  # inside the second member's 768 bytes of data
+    reader = open_tar_stream(io.BytesIO(cut))
+    members = iter(reader)
+    reader.read(next(members))
+    second = next(members)
+    with pytest.raises(TarTruncatedError, match="s000.m00.t00.png: 300 of 768 bytes"):
+        reader.read(second)
+    reader = open_tar_stream(io.BytesIO(data[:512 + 512 + 200]))
+    members = iter(reader)
+    reader.read(next(members))
+    with pytest.raises(TarHeaderError, match="cut short"):
+        next(members)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a tar file" * 40])
+def test_not_a_tar_file_raises_at_the_first_header(content):
+    with pytest.raises(TarHeaderError):
+        list(open_tar_stream(io.BytesIO(content)))
+
+
+def test_end_of_file_at_a_header_boundary_ends_the_archive():
+    data = _archive(tarfile.USTAR_FORMAT, with_dir=False, files=FILES[:2])
+    without_end_blocks = data[:512 + 512 + 512 + 1024]
+    reader = open_tar_stream(io.BytesIO(without_end_blocks))
+    assert [(m.name, reader.read(m)) for m in reader] == FILES[:2]
