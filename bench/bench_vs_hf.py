@@ -11,11 +11,17 @@ Two comparisons of the tiny Nemotron-H (fp32, CPU, batch 1):
 2. greedy generation, 512-token prompt + 64 new tokens: ours with the decode state
    (``megatron_vlm.evaluation.generate.greedy_generate``) vs ``generate(use_cache=True)``;
    the generated tokens are checked equal;
-3. the tiny VLM's training step at ``--vlm-lengths`` (default 1K / 4K; half the tokens are image
+3. the tiny VLM's training step at ``--vlm-lengths`` (default 1K / 4K / 16K; half the tokens are image
    tokens: 128 px tiles, 16 tokens each; RADIO's training-time CPE crop off): ours
    (``NemotronVLModel``) vs its export loaded as
    ``transformers``' ``nemotron_h_omni`` (``AutoModelForImageTextToText``), same weights through
-   the converter; first-step losses checked equal.
+   the converter; first-step losses checked equal;
+4. one Mamba2 block and one attention block alone (norm + mixer + residual, the same layer of
+   both models), forward + backward of ``mean(out**2)`` at ``--layer-lengths``; outputs checked
+   equal;
+5. activation memory of one training step: the bytes of the distinct tensors autograd saves
+   for backward during the forward (parameters excluded; bench_memory's meter), which is what a
+   step holds at its peak besides weights, gradients and optimizer state (equal on both sides).
 
 Timing: after warm-up, A, B, A, B, ... (``--repeats`` pairs); the table gives each side's median,
 the ratio of medians (ours / transformers, in tokens/s) and the spread (the lowest and highest
@@ -145,6 +151,67 @@ def bench_train_vlm(ours, theirs, cfg, ids, lengths, repeats):
     return rows
 
 
+def bench_layers(ours, hf, lengths, repeats):
+    """Rows (name, L, max |out diff|, ours tok/s, theirs tok/s, ratio, lo, hi) per block kind."""
+    kinds = list(ours.decoder.layer_type_list)
+    hidden = ours.config.hidden_size
+    rows = []
+    for kind, name in (("M", "Mamba2 block"), ("*", "attention block")):
+        i = kinds.index(kind)
+        block_a, block_b = ours.decoder.layers[i], hf.model.layers[i]
+        for L in lengths:
+            x = torch.randn(1, L, hidden, generator=torch.Generator().manual_seed(L))
+            xa = x.transpose(0, 1).contiguous().requires_grad_()  # megatron: [s, b, h]
+            xb = x.clone().requires_grad_()
+
+            def out_a():
+                out = block_a(hidden_states=xa, attention_mask=None)
+                return (out[0] if isinstance(out, tuple) else out).transpose(0, 1)
+
+            def out_b():
+                return block_b(xb)
+
+            def fwd_bwd(fn, x_in):
+                def run():
+                    x_in.grad = None
+                    fn().square().mean().backward()
+                return run
+
+            with torch.no_grad():
+                diff = (out_a() - out_b()).abs().max().item()
+            ta, tb = interleaved(fwd_bwd(out_a, xa), fwd_bwd(out_b, xb), repeats)
+            row = (name, L, diff) + summary(L, ta, tb)
+            rows.append(row)
+            print(f"{name} L={L}: ours {row[3]:,.0f} tok/s, transformers {row[4]:,.0f} tok/s, "
+                  f"ratio {row[5]:.2f} [{row[6]:.2f}, {row[7]:.2f}], max |out diff| {diff:.1e}", flush=True)
+    return rows
+
+
+def bench_activation_memory(ours, hf, cfg, lengths):
+    """Rows (L, ours MiB, transformers MiB): bytes saved for backward by one training forward."""
+    from bench.bench_memory import SavedTensorMeter
+
+    ours.train(), hf.train()
+    rows = []
+    for L in lengths:
+        ids = torch.randint(0, cfg["vocab_size"], (1, L), generator=torch.Generator().manual_seed(L))
+        labels = torch.roll(ids, -1, dims=1)
+        sides = {}
+        for side, model, forward in (
+                ("ours", ours, lambda: ours(ids, None, None, labels=labels)[:, :-1].mean()),
+                ("hf", hf, lambda: hf(input_ids=ids, labels=ids, use_cache=False).loss)):
+            meter = SavedTensorMeter(model.parameters())
+            meter.bucket = "step"
+            with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
+                loss = forward()
+            del loss
+            sides[side] = meter.totals()["step"] / 2**20
+        rows.append((L, sides["ours"], sides["hf"]))
+        print(f"activation memory L={L}: ours {sides['ours']:.1f} MiB, transformers {sides['hf']:.1f} MiB",
+              flush=True)
+    return rows
+
+
 CLOCK = time.perf_counter  # main() picks time.process_time unless --wall-time
 
 
@@ -257,8 +324,12 @@ def main():
                          "load on a shared machine distorts far less)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--skip-generate", action="store_true")
-    ap.add_argument("--vlm-lengths", type=int, nargs="*", default=[1024, 4096],
+    ap.add_argument("--vlm-lengths", type=int, nargs="*", default=[1024, 4096, 16384],
                     help="VLM training-step lengths (none: skip the VLM rows)")
+    ap.add_argument("--layer-lengths", type=int, nargs="*", default=[4096, 16384],
+                    help="lengths of the single-block rows (none: skip)")
+    ap.add_argument("--memory-lengths", type=int, nargs="*", default=[1024, 4096, 16384],
+                    help="lengths of the activation-memory rows (none: skip)")
     ap.add_argument("--bf16-lengths", type=int, nargs="*", default=[4096],
                     help="lengths of the bf16-autocast training rows (none: skip; skipped anyway "
                          "when the CPU has no native bf16)")
@@ -276,6 +347,8 @@ def main():
     gen = None if args.skip_generate else bench_generate(ours, hf, cfg, args.prompt,
                                                          args.new_tokens, args.repeats)
     train = bench_train(ours, hf, cfg, args.lengths, args.repeats)
+    layers = bench_layers(ours, hf, args.layer_lengths, args.repeats) if args.layer_lengths else []
+    memory = bench_activation_memory(ours, hf, cfg, args.memory_lengths) if args.memory_lengths else []
     train_vlm = []
     if args.vlm_lengths:
         import tempfile
@@ -309,11 +382,20 @@ def main():
         lines.append(f"| training step {k(L)}, bf16 autocast (fwd+bwd; fp32 weights and AdamW) | "
                      f"{a:,.0f} | {b:,.0f} | {r:.2f}x | {lo:.2f}-{hi:.2f} | "
                      f"first-step loss diff {diff:.1e} |")
+    for name, L, diff, a, b, r, lo, hi in layers:
+        lines.append(f"| {name} alone {k(L)} (fwd+bwd) | {a:,.0f} | {b:,.0f} | {r:.2f}x | {lo:.2f}-{hi:.2f} | "
+                     f"max output diff {diff:.1e} |")
     if gen:
         p, n, same, a, b, r, lo, hi = gen
         lines.append(f"| greedy generation, {p}-token prompt + {n} new (ours: decode state; "
                      f"transformers: its cache) | {a:.1f} | {b:.1f} | {r:.2f}x | {lo:.2f}-{hi:.2f} "
                      f"| {same}/{n} tokens equal |")
+    if memory:
+        lines += ["", "Activation memory of one training step (fp32, batch 1): the distinct tensors autograd "
+                  "saves for backward during the forward, parameters excluded (weights, gradients and AdamW "
+                  "state are the same on both sides).", "",
+                  "| tokens | ours MiB | transformers MiB | ours / transformers |", "|---:|---:|---:|---:|"]
+        lines += [f"| {k(L)} | {a:,.1f} | {b:,.1f} | {a / b:.2f} |" for L, a, b in memory]
     lines += ["", f"Machine load at the end: {load_average()} "
               "(1/5/15 min); the machine is shared, so absolute numbers move, ratios less."]
     emit(lines, args.out)
