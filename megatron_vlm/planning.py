@@ -267,7 +267,8 @@ def mamba_activation_bytes(shape: ModelShape, L: Layout, s: int, b: int) -> floa
         (tok * (3 * h_local if not L.sequence_parallel else 2 * h_local) + tok * gathered, a),
         (tok, 4),                                   # rstd
         (tok * proj, a),                            # in_proj output (conv input view)
-        (b * conv * (s + m["kernel"] - 1), a),      # padded conv output (silu input)
+        (b * conv * (s + m["kernel"] - 1), a),      # left-padded conv input (channels first)
+        (tok * conv, a),                            # conv output made contiguous (silu input)
         (tok * conv, a),                            # silu output: x, B, C
         (2 * b * H * c * q * q, f),                 # decay, scores (per head)
         (b * G * c * q * q, f),                     # C.B (per group)
