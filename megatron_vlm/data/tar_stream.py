@@ -104,8 +104,9 @@ def _checksum_ok(header: bytes, offset: int) -> bool:
     unsigned = sum(header) - sum(header[148:156]) + 8 * 0x20
     if stored == unsigned:
         return True
-    signed = unsigned - 2 * sum(b for b in header if b > 127)  # some old tars sum signed chars
-    return stored == signed
+    # Some old tars sum signed chars: each byte over 127 then counts 256 less.
+    high = sum(b > 127 for b in header[:148]) + sum(b > 127 for b in header[156:])
+    return stored == unsigned - 256 * high
 
 
 def _pax_records(data: bytes, offset: int) -> dict[str, str]:

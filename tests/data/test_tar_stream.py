@@ -125,3 +125,17 @@ def test_end_of_file_at_a_header_boundary_ends_the_archive():
     without_end_blocks = data[:512 + 512 + 512 + 1024]
     reader = open_tar_stream(io.BytesIO(without_end_blocks))
     assert [(m.name, reader.read(m)) for m in reader] == FILES[:2]
+
+
+def test_a_header_checksummed_with_signed_bytes_is_accepted():
+    """Old tar implementations summed the header as signed chars; tarfile accepts both sums."""
+    data = bytearray(_archive(tarfile.USTAR_FORMAT, with_dir=False, files=[FILES[4]]))
+    header = data[:512]
+    assert any(b > 127 for b in header[:100])  # the UTF-8 name has bytes over 127
+    signed = 256 + sum(b - 256 if b > 127 else b for i, b in enumerate(header) if not 148 <= i < 156)
+    data[148:156] = b"%06o\0 " % signed
+    assert _tarfile_members(bytes(data)) == [FILES[4]]
+    assert _ours(bytes(data)) == [FILES[4]]
+    data[148:156] = b"%06o\0 " % (signed + 1)
+    with pytest.raises(TarHeaderError, match="checksum"):
+        _ours(bytes(data))
