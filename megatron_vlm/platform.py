@@ -13,7 +13,8 @@ when CUDA is absent:
   (``current_device``, ``synchronize``, ``manual_seed``, streams/events, memory queries);
 * eager execution of the functions megatron wraps in ``torch.compile``;
 * a CPU RNG tracker in place of megatron's ``CudaRNGStatesTracker`` so that
-  ``model_parallel_cuda_manual_seed`` and the dropout forks of tensor-parallel layers work.
+  ``model_parallel_cuda_manual_seed`` and the dropout forks of tensor-parallel layers work;
+* the cross entropy's row maximum taken with ``amax`` (see :func:`_install_cpu_fast_paths`).
 
 With CUDA present this module does nothing: the GPU path is megatron's own.
 """
@@ -196,6 +197,22 @@ def _disable_compilation():
     torch._dynamo.config.disable = True  # for functions already wrapped
 
 
+def _logits_max_amax(vocab_parallel_logits: torch.Tensor):
+    """megatron's ``VocabParallelCrossEntropy.calculate_logits_max`` with ``amax``: the same
+    values (the maximum has one value however many entries tie), without the argmax indices
+    ``torch.max(dim)`` also computes and megatron discards."""
+    vocab_parallel_logits = vocab_parallel_logits.float()
+    return vocab_parallel_logits, torch.amax(vocab_parallel_logits, dim=-1)
+
+
+def _install_cpu_fast_paths():
+    """On CPU ``torch.max(dim)`` with indices costs ~8x ``amax`` (20 vs 2.5 ms for 4K x 4K
+    logits, ~2% of the tiny model's 4K training step); the loss is bit for bit the same."""
+    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+
+    VocabParallelCrossEntropy.calculate_logits_max = staticmethod(_logits_max_amax)
+
+
 def setup_platform() -> bool:
     """Make megatron-core usable on this machine. Idempotent; returns True if the CPU layer is on.
 
@@ -212,6 +229,7 @@ def setup_platform() -> bool:
         _install_cuda_shims()
         _install_rng_tracker()
         _disable_compilation()
+        _install_cpu_fast_paths()
         _CudaToCpuMode().__enter__()  # stays active for the life of the process
         _INSTALLED = True
         return True

@@ -50,10 +50,25 @@ def _is_local(url: str) -> bool:
 def _open_tar(url: str) -> TarReader:
     if _is_local(url) or url.startswith("file://"):
         path = url[len("file://") :] if url.startswith("file://") else url
-        return open_tar_stream(open(path, "rb"))
-    import webdataset  # only needed for remote / pipe urls
+        stream = open(path, "rb")
+    else:
+        import webdataset  # only needed for remote / pipe urls
 
-    return open_tar_stream(webdataset.gopen(url, "rb"))
+        stream = webdataset.gopen(url, "rb")
+    try:
+        return open_tar_stream(stream)
+    except BaseException:
+        _close_quietly(stream)
+        raise
+
+
+def _close_quietly(stream) -> str | None:
+    """Close; return why closing failed (a ``pipe:`` command's exit status is reported there)."""
+    try:
+        stream.close()
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def read_shard(url: str, skip_samples: int = 0, keep: Callable[[int], bool] | None = None) -> Iterator[RawSample]:
@@ -89,6 +104,8 @@ def read_shard(url: str, skip_samples: int = 0, keep: Callable[[int], bool] | No
             try:
                 info = next(members, None)
             except (TarHeaderError, TarTruncatedError, OSError, EOFError) as exc:
+                failed = _close_quietly(tar)  # a failed pipe command says why it gave no tar
+                exc = f"{exc}; {failed}" if failed else exc
                 if current is None and index == 0:  # nothing readable: not a tar file at all
                     if skip_samples == 0:
                         yield RawSample(shard=name, key="", error=f"cannot open shard: not a tar archive ({exc})",
@@ -121,7 +138,15 @@ def read_shard(url: str, skip_samples: int = 0, keep: Callable[[int], bool] | No
                 current.error_kind = "truncated"
                 yield current
                 return
+        # A pipe or download that fails at a block boundary looks like a clean end of the tar:
+        # only closing it tells. The last sample is then not to be trusted.
+        failed = _close_quietly(tar)
         if current is not None and wanted:
+            if failed and current.error is None:
+                current.error = f"shard stream failed after member {current.key}: {failed}"
+                current.error_kind = "truncated"
             yield finish(current)
+        elif failed and current is None and skip_samples == 0:
+            yield RawSample(shard=name, key="", error=f"cannot open shard: {failed}", error_kind="open_failed")
     finally:
-        tar.close()
+        _close_quietly(tar)

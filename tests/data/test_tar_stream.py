@@ -139,3 +139,83 @@ def test_a_header_checksummed_with_signed_bytes_is_accepted():
     data[148:156] = b"%06o\0 " % (signed + 1)
     with pytest.raises(TarHeaderError, match="checksum"):
         _ours(bytes(data))
+
+
+# ---- damage a shard can carry (each case found in review; tarfile as the reference) ----------
+def _pax_archive() -> bytearray:
+    return bytearray(_archive(tarfile.PAX_FORMAT, with_dir=False, files=[FILES[3]]))
+
+
+@pytest.mark.parametrize("record", [b"0", b"-3", b"99999"])
+def test_a_malformed_pax_record_raises_instead_of_looping(record):
+    data = _pax_archive()
+    at = data.index(b" path=")  # "<len> path=...": overwrite the length digits
+    start = data.rindex(b"\n", 0, at) + 1 if b"\n" in data[512:at] else 512
+    data[start:at] = record.rjust(at - start, b"0")
+    with pytest.raises(TarHeaderError, match="pax header"):
+        _ours(bytes(data))
+
+
+def test_a_malformed_pax_size_raises():
+    info = tarfile.TarInfo("s0.json")
+    info.size = 2
+    info.pax_headers = {"size": "1z"}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(b"{}"))
+    with pytest.raises(TarHeaderError, match="malformed size"):
+        _ours(buf.getvalue())
+
+
+@pytest.mark.parametrize("compression", ["gz", "xz"])
+def test_corrupt_compressed_data_raises_truncated(compression):
+    data = bytearray(_archive(tarfile.GNU_FORMAT, compression))
+    for i in range(20, len(data) - 20):
+        data[i] ^= 0xFF
+    with pytest.raises(TarTruncatedError, match="unreadable data"):
+        _ours(bytes(data))
+
+
+def test_a_plain_tar_whose_first_name_starts_like_bzip2_is_read_as_a_tar():
+    files = [("BZh7x0.json", b"{}"), ("BZh7x0.png", b"png")]
+    data = _archive(tarfile.USTAR_FORMAT, with_dir=False, files=files)
+    assert _ours(data) == _tarfile_members(data) == files
+
+
+def test_a_file_cut_inside_its_end_zeros_is_complete():
+    data = _archive(tarfile.USTAR_FORMAT, with_dir=False, files=FILES[:2])
+    end = 512 + 512 + 512 + 1024  # two members, then the end-of-archive zeros
+    assert _ours(data[:end + 100]) == _tarfile_members(data[:end + 100]) == FILES[:2]
+
+
+def test_old_style_directories_are_passed_over_and_sparse_files_refused():
+    d = tarfile.TarInfo("dir/")
+    d.type = tarfile.AREGTYPE  # a V7 tar: no directory type, a trailing slash
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(d)
+        info = tarfile.TarInfo(FILES[0][0])
+        info.size = len(FILES[0][1])
+        tar.addfile(info, io.BytesIO(FILES[0][1]))
+    assert _ours(buf.getvalue()) == _tarfile_members(buf.getvalue()) == [FILES[0]]
+    data = bytearray(buf.getvalue())
+    data[512 + 156] = ord("S")  # the member becomes a GNU sparse file
+    header = data[512:1024]
+    data[512 + 148:512 + 156] = b"%06o\0 " % (sum(header) - sum(header[148:156]) + 256)
+    with pytest.raises(TarHeaderError, match="sparse"):
+        _ours(bytes(data))
+
+
+def test_a_failing_pipe_command_is_a_record_not_an_exception(tmp_path):
+    from megatron_vlm.data.shard_reader import read_shard
+
+    missing = read_shard(f"pipe:cat {tmp_path}/missing.tar")
+    (rec,) = list(missing)
+    assert rec.error_kind == "open_failed" and "exit" in rec.error
+    good = tmp_path / "good.tar"
+    good.write_bytes(_archive(tarfile.USTAR_FORMAT, with_dir=False,
+                              files=[("a.json", b"{}"), ("b.json", b"{}")]))
+    # The command writes a whole tar and then fails (a download that died at a block boundary).
+    recs = list(read_shard(f"pipe:sh -c 'cat {good}; exit 3'"))
+    assert [(r.key, r.error_kind) for r in recs] == [("a", None), ("b", "truncated")]
+    assert "exit 3" in recs[1].error

@@ -60,3 +60,35 @@ def backward_allocation() -> list:
     x = torch.ones(3, requires_grad=True)
     Double.apply(x).sum().backward()
     return x.grad.tolist()
+
+
+def cross_entropy_amax() -> dict:
+    """megatron's vocab-parallel cross entropy with the platform's amax row maximum against its
+    own torch.max(dim) formula: loss and gradient bit for bit."""
+    from megatron.core.tensor_parallel import cross_entropy as ce
+
+    from megatron_vlm import platform
+    from megatron_vlm.distributed import initialize_distributed
+
+    initialize_distributed(seed=3)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 2, 512, generator=g) * 8
+    logits[0, 0, :5] = logits[0, 0].max() + 1  # a tie for the maximum
+    logits[1, 1, 7] = float("-inf")
+    target = torch.randint(0, 512, (64, 2), generator=g)
+
+    def loss_and_grad():
+        x = logits.clone().requires_grad_()
+        loss = ce.vocab_parallel_cross_entropy(x, target)
+        loss.sum().backward()
+        return loss.detach(), x.grad
+
+    patched = ce.VocabParallelCrossEntropy.calculate_logits_max
+    ours = loss_and_grad()
+    ce.VocabParallelCrossEntropy.calculate_logits_max = staticmethod(
+        lambda x: (x.float(), torch.max(x.float(), dim=-1)[0]))  # megatron's own formula
+    theirs = loss_and_grad()
+    ce.VocabParallelCrossEntropy.calculate_logits_max = patched
+    return {"installed": patched is platform._logits_max_amax,
+            "loss_equal": bool(torch.equal(ours[0], theirs[0])),
+            "grad_equal": bool(torch.equal(ours[1], theirs[1]))}

@@ -42,3 +42,8 @@ def test_no_op_when_cuda_present():
 def test_allocation_inside_backward():
     (grad,) = run_multiproc("tests.foundation.platform_bodies:backward_allocation", nproc=1)
     assert grad == [2.0, 2.0, 2.0]
+
+
+def test_cross_entropy_row_maximum_with_amax_is_bit_identical():
+    (res,) = run_multiproc("tests.foundation.platform_bodies:cross_entropy_amax", nproc=1)
+    assert res == {"installed": True, "loss_equal": True, "grad_equal": True}
