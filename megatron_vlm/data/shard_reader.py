@@ -105,14 +105,14 @@ def read_shard(url: str, skip_samples: int = 0, keep: Callable[[int], bool] | No
                 info = next(members, None)
             except (TarHeaderError, TarTruncatedError, OSError, EOFError) as exc:
                 failed = _close_quietly(tar)  # a failed pipe command says why it gave no tar
-                exc = f"{exc}; {failed}" if failed else exc
+                reason = f"{exc}; {failed}" if failed else str(exc)
                 if current is None and index == 0:  # nothing readable: not a tar file at all
                     if skip_samples == 0:
-                        yield RawSample(shard=name, key="", error=f"cannot open shard: not a tar archive ({exc})",
+                        yield RawSample(shard=name, key="", error=f"cannot open shard: not a tar archive ({reason})",
                                         error_kind="open_failed")
                     return
                 where = f"after member {current.key}" if current else "at start"
-                err = f"damaged tar header {where}: {exc}"
+                err = f"damaged tar header {where}: {reason}"
                 if wanted:
                     current.error, current.error_kind = err, "damaged_header"
                     yield current

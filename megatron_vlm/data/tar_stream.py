@@ -114,10 +114,8 @@ def _number(raw: bytes, what: str, offset: int) -> int:
     if raw[:1] == b"\x80":
         return int.from_bytes(raw[1:], "big")
     text = _field(raw).strip(b" ")
-    if text.isdigit() and not text.strip(b"01234567"):
-        return int(text, 8)
-    if not text:
-        return 0
+    if not text.strip(b"01234567"):  # octal digits only (or none: 0)
+        return int(text, 8) if text else 0
     raise TarHeaderError(f"tar header at byte {offset}: malformed {what} field {raw!r}")
 
 
@@ -152,8 +150,8 @@ class TarReader:
     """Iterate a tar stream's regular-file members; ``read()`` the current one's data or leave it."""
 
     def __init__(self, fileobj: BinaryIO, underlying: BinaryIO | None = None):
-        self._f = fileobj
-        self._underlying = underlying  # the file under a decompressor, closed with it
+        self._f = fileobj  # what is read: the file, or a decompressor / prefix wrapper over it
+        self._file = fileobj if underlying is None else underlying  # what close() closes last
         self._seekable = _seekable(fileobj)
         self._pos = 0  # stream offset of the next unread byte
         self._unread = 0  # data + padding of the current member still before the next header
@@ -163,7 +161,7 @@ class TarReader:
         try:
             data = _read_full(self._f, n)
         except _CORRUPT_STREAM as exc:
-            raise TarTruncatedError(f"unreadable data after byte {self._pos}: {type(exc).__name__}: {exc}") from exc
+            raise self._unreadable(exc) from exc
         self._pos += len(data)
         return data
 
@@ -188,7 +186,10 @@ class TarReader:
                 self._pos += got
                 n -= got
         except _CORRUPT_STREAM as exc:
-            raise TarTruncatedError(f"unreadable data after byte {self._pos}: {type(exc).__name__}: {exc}") from exc
+            raise self._unreadable(exc) from exc
+
+    def _unreadable(self, exc: Exception) -> TarTruncatedError:
+        return TarTruncatedError(f"unreadable data after byte {self._pos}: {type(exc).__name__}: {exc}")
 
     def _header(self) -> bytes | None:
         """The next 512-byte header, or None at the end of the archive."""
@@ -245,10 +246,10 @@ class TarReader:
         """Close the decompressor (if any) and the file under it. Raises what the file's close
         raises: for a ``pipe:`` stream, the command's failure."""
         try:
-            if self._underlying is not None and self._underlying is not self._f:
+            if self._f is not self._file:
                 getattr(self._f, "close", lambda: None)()  # a decompressor; leaves its file open
         finally:
-            (self._underlying if self._underlying is not None else self._f).close()
+            self._file.close()
 
     def read(self, member: TarMember) -> bytes:
         """The data of ``member``, which must be the member the iteration is at."""
