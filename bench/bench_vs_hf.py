@@ -115,6 +115,18 @@ def vlm_batch(cfg: dict, ids: dict, length: int, tile: int = 128):
     return text, tiles, pixels, grid
 
 
+def train_step(loss_fn, opt, precision=contextlib.nullcontext):
+    """One training step as a function: forward and backward inside ``precision()``, then AdamW."""
+    def run():
+        opt.zero_grad(set_to_none=True)
+        with precision():
+            loss = loss_fn()
+            loss.backward()
+        opt.step()
+        return loss.item()
+    return run
+
+
 def bench_train_vlm(ours, theirs, cfg, ids, lengths, repeats):
     opt_a = torch.optim.AdamW(ours.parameters(), lr=1e-5)
     opt_b = torch.optim.AdamW(theirs.parameters(), lr=1e-5)
@@ -131,18 +143,9 @@ def bench_train_vlm(ours, theirs, cfg, ids, lengths, repeats):
             return theirs(input_ids=text, pixel_values=pixels, image_grid_hw=grid, labels=text,
                           use_cache=False).loss
 
-        def step(loss_fn, opt):
-            def run():
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn()
-                loss.backward()
-                opt.step()
-                return loss.item()
-            return run
-
         with torch.no_grad():
             diff = abs(loss_ours().item() - loss_hf().item())
-        ta, tb = interleaved(step(loss_ours, opt_a), step(loss_hf, opt_b), repeats)
+        ta, tb = interleaved(train_step(loss_ours, opt_a), train_step(loss_hf, opt_b), repeats)
         row = (L, diff) + summary(L, ta, tb)
         rows.append(row)
         print(f"train VLM L={L}: ours {row[2]:,.0f} tok/s, transformers {row[3]:,.0f} tok/s, "
@@ -187,6 +190,15 @@ def bench_layers(ours, hf, lengths, repeats):
     return rows
 
 
+def llm_losses(ours, hf, cfg, L: int):
+    """Functions giving each side's mean next-token loss on the same [1, L] random ids (HF
+    predicts L-1 tokens: ours drops its last position)."""
+    ids = torch.randint(0, cfg["vocab_size"], (1, L), generator=torch.Generator().manual_seed(L))
+    labels = torch.roll(ids, -1, dims=1)
+    return (lambda: ours(ids, None, None, labels=labels)[:, :-1].mean(),
+            lambda: hf(input_ids=ids, labels=ids, use_cache=False).loss)
+
+
 def bench_activation_memory(ours, hf, cfg, lengths):
     """Rows (L, ours MiB, transformers MiB): bytes saved for backward by one training forward."""
     from bench.bench_memory import SavedTensorMeter
@@ -194,12 +206,8 @@ def bench_activation_memory(ours, hf, cfg, lengths):
     ours.train(), hf.train()
     rows = []
     for L in lengths:
-        ids = torch.randint(0, cfg["vocab_size"], (1, L), generator=torch.Generator().manual_seed(L))
-        labels = torch.roll(ids, -1, dims=1)
         sides = {}
-        for side, model, forward in (
-                ("ours", ours, lambda: ours(ids, None, None, labels=labels)[:, :-1].mean()),
-                ("hf", hf, lambda: hf(input_ids=ids, labels=ids, use_cache=False).loss)):
+        for side, model, forward in zip(("ours", "hf"), (ours, hf), llm_losses(ours, hf, cfg, L)):
             meter = SavedTensorMeter(model.parameters())
             meter.bucket = "step"
             with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
@@ -254,30 +262,12 @@ def bench_train(ours, hf, cfg, lengths, repeats, bf16: bool = False):
 
     rows = []
     for L in lengths:
-        ids = torch.randint(0, cfg["vocab_size"], (1, L), generator=torch.Generator().manual_seed(L))
-        labels = torch.roll(ids, -1, dims=1)
-
-        def step_ours():
-            opt_a.zero_grad(set_to_none=True)
-            with precision():
-                loss = ours(ids, None, None, labels=labels)[:, :-1].mean()  # HF predicts L-1 tokens
-                loss.backward()
-            opt_a.step()
-            return loss.item()
-
-        def step_hf():
-            opt_b.zero_grad(set_to_none=True)
-            with precision():
-                loss = hf(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
-            opt_b.step()
-            return loss.item()
-
+        loss_ours, loss_hf = llm_losses(ours, hf, cfg, L)
         # Same weights before the first step: the losses must agree.
         with torch.no_grad(), precision():
-            la = ours(ids, None, None, labels=labels)[:, :-1].mean().item()
-            lb = hf(input_ids=ids, labels=ids, use_cache=False).loss.item()
-        ta, tb = interleaved(step_ours, step_hf, repeats if L < 16384 else max(2, repeats - 1))
+            la, lb = loss_ours().item(), loss_hf().item()
+        ta, tb = interleaved(train_step(loss_ours, opt_a, precision), train_step(loss_hf, opt_b, precision),
+                             repeats if L < 16384 else max(2, repeats - 1))
         row = (L, abs(la - lb)) + summary(L, ta, tb)
         rows.append(row)
         tag = " bf16" if bf16 else ""
