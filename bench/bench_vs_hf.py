@@ -23,6 +23,11 @@ Two comparisons of the tiny Nemotron-H (fp32, CPU, batch 1):
    for backward during the forward (parameters excluded; bench_memory's meter), which is what a
    step holds at its peak besides weights, gradients and optimizer state (equal on both sides).
 
+Ours runs its CPU Mamba path (depthwise convolution + SSD scan) through ``torch.compile``
+(``mamba_ops.use_torch_compile``, the recipes' ``train.compile_cpu_ops``) unless ``--no-compile``;
+one more row gives the 4K training step with it off. The warm-up pair includes the compilation.
+The activation-memory rows are measured without it (what the planner models).
+
 Timing: after warm-up, A, B, A, B, ... (``--repeats`` pairs); the table gives each side's median,
 the ratio of medians (ours / transformers, in tokens/s) and the spread (the lowest and highest
 per-pair ratio), so load from other processes hits both sides alike. By default the clock is the
@@ -306,7 +311,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--wall-time", action="store_true",
@@ -314,6 +319,10 @@ def main():
                          "load on a shared machine distorts far less)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="ours without torch.compile of its CPU Mamba path")
+    ap.add_argument("--eager-lengths", type=int, nargs="*", default=[4096],
+                    help="with compile on: lengths of the training rows also run without it")
     ap.add_argument("--vlm-lengths", type=int, nargs="*", default=[1024, 4096, 16384],
                     help="VLM training-step lengths (none: skip the VLM rows)")
     ap.add_argument("--layer-lengths", type=int, nargs="*", default=[4096, 16384],
@@ -331,14 +340,19 @@ def main():
     torch.set_num_threads(args.threads)
 
     from megatron_vlm.distributed import destroy_distributed, initialize_distributed
+    from megatron_vlm.models import mamba_ops
 
     initialize_distributed()
     cfg, ours, hf = build_pair(max(args.lengths + [args.prompt + args.new_tokens]))
     gen = None if args.skip_generate else bench_generate(ours, hf, cfg, args.prompt,
                                                          args.new_tokens, args.repeats)
+    eager = bench_train(ours, hf, cfg, args.eager_lengths, args.repeats) if args.compile else []
+    mamba_ops.use_torch_compile(args.compile)
     train = bench_train(ours, hf, cfg, args.lengths, args.repeats)
     layers = bench_layers(ours, hf, args.layer_lengths, args.repeats) if args.layer_lengths else []
+    mamba_ops.use_torch_compile(False)
     memory = bench_activation_memory(ours, hf, cfg, args.memory_lengths) if args.memory_lengths else []
+    mamba_ops.use_torch_compile(args.compile)
     train_vlm = []
     if args.vlm_lengths:
         import tempfile
@@ -356,6 +370,7 @@ def main():
         "## Ours vs transformers (bench_vs_hf)", "",
         f"Tiny Nemotron-H (and the tiny VLM), same weights, fp32, batch 1, {torch.get_num_threads()} CPU threads, "
         f"{'CPU-seconds of the process' if args.cpu_time else 'wall time'}; "
+        f"{'ours with its CPU Mamba path compiled (torch.compile), except where a row says not' if args.compile else 'ours eager'}; "
         "interleaved A, B, A, B after one warm-up pair; ratio = ours / transformers tokens/s "
         "(ratio of medians), spread = lowest and highest per-pair ratio.", "",
         "| measurement | ours tok/s | transformers tok/s | ratio | spread | check |",
@@ -363,6 +378,9 @@ def main():
     ]
     for L, diff, a, b, r, lo, hi in train:
         lines.append(f"| training step {k(L)} (fwd+bwd+AdamW) | {a:,.0f} | {b:,.0f} | {r:.2f}x | "
+                     f"{lo:.2f}-{hi:.2f} | first-step loss diff {diff:.1e} |")
+    for L, diff, a, b, r, lo, hi in eager:
+        lines.append(f"| training step {k(L)}, ours without torch.compile | {a:,.0f} | {b:,.0f} | {r:.2f}x | "
                      f"{lo:.2f}-{hi:.2f} | first-step loss diff {diff:.1e} |")
     for L, diff, a, b, r, lo, hi in train_vlm:
         lines.append(f"| training step {k(L)} VLM (half image tokens, 128 px tiles; vs "

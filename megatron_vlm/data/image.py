@@ -8,6 +8,8 @@ Tiles are stored as 8-bit RGB (PNG or JPEG) and normalised only when a batch is 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -57,10 +59,45 @@ def load_rgb(source) -> Image.Image:
 
 
 _TILE_FORMATS = ("PNG", "JPEG")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _decode_plain_png(data: bytes, tile_size: int):
+    """The PNG tiles the shard builder writes (8-bit RGB, not interlaced, tile_size square, only
+    IHDR / IDAT / IEND chunks, every CRC right) decoded by Pillow's own zlib decoder without
+    opening them as a file: for a 64 px tile that parsing is a third of the cost. None for any
+    other bytes, which then take the general path (and its errors)."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    view, pos, idat, header = memoryview(data), len(_PNG_SIGNATURE), [], False
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        body, crc_at = pos + 8, pos + 8 + length
+        if crc_at + 4 > len(data) or zlib.crc32(view[pos + 4:crc_at]) != struct.unpack_from(">I", data, crc_at)[0]:
+            return None
+        if kind == b"IHDR" and not header:
+            if length != 13 or struct.unpack_from(">IIBBBBB", data, body) != (tile_size, tile_size, 8, 2, 0, 0, 0):
+                return None
+            header = True
+        elif kind == b"IDAT" and header:
+            idat.append(view[body:crc_at])
+        elif kind == b"IEND" and idat:
+            try:
+                img = Image.frombytes("RGB", (tile_size, tile_size), b"".join(idat), "zip", "RGB")
+            except Exception:  # damaged data: the general path names the error
+                return None
+            return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(tile_size, tile_size, 3)
+        else:
+            return None
+        pos = crc_at + 4
+    return None
 
 
 def decode_tile(data: bytes, tile_size: int) -> np.ndarray:
     """Decode one stored tile (PNG or JPEG) to a uint8 [T, T, 3] array, checking its size."""
+    plain = _decode_plain_png(data, tile_size)
+    if plain is not None:
+        return plain
     try:
         # Naming the formats skips Pillow's probing of every plugin (a large share of the cost
         # for small tiles).

@@ -208,7 +208,7 @@ class HybridMambaMixer(MegatronModule):
         z, xbc, dt = torch.split(zxbcdt, [d_inner, d_inner + 2 * gs, nheads], dim=-1)
         conv_weight = self.conv1d.weight if cp is None else cp.get_conv1d_weight()
         conv_bias = self.conv1d.bias if cp is None else cp.get_conv1d_bias()
-        xbc = mamba_ops.causal_conv1d_silu(xbc, conv_weight.squeeze(1), conv_bias, seq_idx)
+        xbc = mamba_ops.causal_conv1d_silu(xbc, conv_weight.squeeze(1), conv_bias, seq_idx, compile_ok=True)
         x, B, C = torch.split(xbc, [d_inner, gs, gs], dim=-1)
 
         y = mamba_ops.ssd(
@@ -222,6 +222,7 @@ class HybridMambaMixer(MegatronModule):
             self.chunk_size,
             seq_idx=seq_idx,
             dt_min=self.dt_clamp_min,
+            compile_ok=True,
         )
         y = y.reshape(bsz, seqlen, d_inner)
         if cp is None:

@@ -27,6 +27,28 @@ except ImportError:  # pragma: no cover - depends on the machine
 # Tests and benchmarks flip this to compare both paths on one GPU.
 ALLOW_KERNELS = True
 
+_COMPILE = False
+_COMPILED: dict = {}
+
+
+def use_torch_compile(enabled: bool = True) -> None:
+    """Run the plain-torch convolution and scan through torch.compile from now on (or not)."""
+    global _COMPILE
+    _COMPILE = bool(enabled)
+
+
+def _compiled(fn):
+    """fn through torch.compile, built on first use. The CPU platform layer turns dynamo off for
+    the process (megatron's own compiled helpers stay eager); it is on for these calls only."""
+    if fn not in _COMPILED:
+        compiled = torch.compile(fn, dynamic=False)
+
+        def run(*args, **kwargs):
+            with torch._dynamo.config.patch(disable=False):
+                return compiled(*args, **kwargs)
+        _COMPILED[fn] = run
+    return _COMPILED[fn]
+
 
 def kernels_available(t: torch.Tensor) -> bool:
     """True when the fused kernels can run on tensor ``t``."""
@@ -35,7 +57,7 @@ def kernels_available(t: torch.Tensor) -> bool:
 
 def causal_conv1d_silu(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    seq_idx: Optional[torch.Tensor] = None,
+    seq_idx: Optional[torch.Tensor] = None, compile_ok: bool = False,
 ) -> torch.Tensor:
     """SiLU(depthwise causal conv1d) over time. x [b, l, d], weight [d, k], bias [d] -> [b, l, d].
 
@@ -52,6 +74,9 @@ def causal_conv1d_silu(
             activation="silu",
         )
         return out.transpose(1, 2)
+    if compile_ok and _COMPILE:
+        # The tap sum (not conv1d): inductor fuses it with the SiLU, forward and backward.
+        return _compiled(_conv_taps_silu)(x, weight, bias, seq_idx)
     if seq_idx is None:
         # Causal: the k-1 zeros go on the left only, in the one copy that makes the input
         # channels-first anyway, so the convolution yields exactly l outputs (no slice of a
@@ -61,21 +86,29 @@ def causal_conv1d_silu(
         # Back to contiguous [b, l, d] before the SiLU: its backward then runs on matching
         # layouts, and the head reshapes downstream are views instead of copies.
         return F.silu(out.transpose(1, 2).contiguous())
-    # Packed: sum of k shifted taps, each masked where the shifted token is in another sequence.
+    return _conv_taps_silu(x, weight, bias, seq_idx)
+
+
+def _conv_taps_silu(x, weight, bias, seq_idx):
+    """The causal convolution as a sum of k shifted taps, each masked (packed sequences) where
+    the shifted token is in another sequence; then SiLU."""
+    seqlen, k = x.shape[1], weight.shape[-1]
     xp = F.pad(x, (0, 0, k - 1, 0))
-    ids = F.pad(seq_idx, (k - 1, 0), value=-1)  # -1 never equals a real id
-    out = torch.zeros_like(x) if bias is None else bias.to(x.dtype).expand_as(x).clone()
+    ids = None if seq_idx is None else F.pad(seq_idx, (k - 1, 0), value=-1)  # -1: no real id
+    out = torch.zeros_like(x) if bias is None else bias.to(x.dtype).expand_as(x)
     for shift in range(k):  # tap weight[:, k-1-shift] multiplies x[t - shift]
         start = k - 1 - shift
-        same = (ids[:, start:start + seqlen] == seq_idx).unsqueeze(-1).to(x.dtype)
-        out = out + xp[:, start:start + seqlen] * same * weight[:, k - 1 - shift]
+        tap = xp[:, start:start + seqlen] * weight[:, k - 1 - shift]
+        if ids is not None:
+            tap = tap * (ids[:, start:start + seqlen] == seq_idx).unsqueeze(-1).to(x.dtype)
+        out = out + tap
     return F.silu(out)
 
 
 def ssd(
     x: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor,
     B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, chunk_size: int,
-    seq_idx: Optional[torch.Tensor] = None, dt_min: Optional[float] = None,
+    seq_idx: Optional[torch.Tensor] = None, dt_min: Optional[float] = None, compile_ok: bool = False,
 ) -> torch.Tensor:
     """Mamba2 selective scan with softplus(dt + dt_bias) discretisation.
 
@@ -89,6 +122,11 @@ def ssd(
             seq_idx=None if seq_idx is None else seq_idx.to(torch.int32).contiguous(),
             dt_limit=(0.0 if dt_min is None else dt_min, float("inf")),
         )
+    scan = _compiled(_torch_ssd) if compile_ok and _COMPILE else _torch_ssd
+    return scan(x, dt, dt_bias, A, B, C, D, chunk_size, seq_idx, dt_min)
+
+
+def _torch_ssd(x, dt, dt_bias, A, B, C, D, chunk_size, seq_idx, dt_min):
     step = F.softplus(dt.float() + dt_bias.float())
     if dt_min is not None:
         step = step.clamp(min=dt_min)

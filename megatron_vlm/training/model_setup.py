@@ -45,12 +45,14 @@ def check_fp8_available(source: str, on_cpu: bool) -> None:
 
 def build_model_chunks(recipe):
     """Returns ([model], tokenizer, model_cfg); model_cfg carries what the data side needs."""
+    from megatron_vlm.models import mamba_ops
     from megatron_vlm.models.vlm import build_vlm, load_vlm_config
     from megatron_vlm.platform import cpu_mode
     from megatron_vlm.training.data_setup import load_tokenizer
 
     if recipe.train.precision == "fp8":
         check_fp8_available(recipe.source, cpu_mode())
+    mamba_ops.use_torch_compile(recipe.train.compile_cpu_ops)
     tokenizer = load_tokenizer(recipe)
     cfg = load_vlm_config(recipe.model.config)
     llm_vocab = cfg["language_model"]["vocab_size"]

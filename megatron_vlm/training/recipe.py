@@ -66,6 +66,7 @@ class TrainSection:
     seed: int = 1234
     skip_nan_steps: bool = False     # skip a step whose loss is NaN/inf instead of stopping
     max_wall_minutes: Optional[float] = None
+    compile_cpu_ops: bool = False    # Mamba conv + scan through torch.compile where the GPU kernels do not run
 
 
 @dataclass
