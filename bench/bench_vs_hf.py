@@ -25,7 +25,8 @@ Two comparisons of the tiny Nemotron-H (fp32, CPU, batch 1):
 
 Ours runs its CPU Mamba path (depthwise convolution + SSD scan) through ``torch.compile``
 (``mamba_ops.use_torch_compile``, the recipes' ``train.compile_cpu_ops``) unless ``--no-compile``;
-one more row gives the 4K training step with it off. The warm-up pair includes the compilation.
+one more row gives the 4K training step with it off, timed in the same rounds (ours, transformers,
+ours eager, ...). The warm-up round includes the compilation.
 The activation-memory rows are measured without it (what the planner models).
 
 Timing: after warm-up, A, B, A, B, ... (``--repeats`` pairs); the table gives each side's median,
@@ -150,7 +151,8 @@ def bench_train_vlm(ours, theirs, cfg, ids, lengths, repeats):
 
         with torch.no_grad():
             diff = abs(loss_ours().item() - loss_hf().item())
-        ta, tb = interleaved(train_step(loss_ours, opt_a), train_step(loss_hf, opt_b), repeats)
+        ta, tb = interleaved(train_step(loss_ours, opt_a), train_step(loss_hf, opt_b),
+                             repeats=repeats if L < 16384 else max(2, repeats - 2))
         row = (L, diff) + summary(L, ta, tb)
         rows.append(row)
         print(f"train VLM L={L}: ours {row[2]:,.0f} tok/s, transformers {row[3]:,.0f} tok/s, "
@@ -187,7 +189,7 @@ def bench_layers(ours, hf, lengths, repeats):
 
             with torch.no_grad():
                 diff = (out_a() - out_b()).abs().max().item()
-            ta, tb = interleaved(fwd_bwd(out_a, xa), fwd_bwd(out_b, xb), repeats)
+            ta, tb = interleaved(fwd_bwd(out_a, xa), fwd_bwd(out_b, xb), repeats=repeats)
             row = (name, L, diff) + summary(L, ta, tb)
             rows.append(row)
             print(f"{name} L={L}: ours {row[3]:,.0f} tok/s, transformers {row[4]:,.0f} tok/s, "
@@ -228,16 +230,18 @@ def bench_activation_memory(ours, hf, cfg, lengths):
 CLOCK = time.perf_counter  # main() picks time.process_time unless --wall-time
 
 
-def interleaved(fn_a, fn_b, repeats: int, warmup: int = 1):
+def interleaved(*fns, repeats: int, warmup: int = 1):
+    """Times of each function, run in turn (A, B, [C,] A, B, ...) after ``warmup`` rounds."""
     for _ in range(warmup):
-        fn_a(), fn_b()
-    ta, tb = [], []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in ((fn_a, ta), (fn_b, tb)):
+        for fn, series in zip(fns, times):
             t0 = CLOCK()
             fn()
-            times.append(CLOCK() - t0)
-    return ta, tb
+            series.append(CLOCK() - t0)
+    return times
 
 
 def summary(work: float, ta, tb):
@@ -255,7 +259,23 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def bench_train(ours, hf, cfg, lengths, repeats, bf16: bool = False):
+def without_compile(fn):
+    """fn with ours' CPU Mamba path eager for its duration."""
+    from megatron_vlm.models import mamba_ops
+
+    def run():
+        mamba_ops.use_torch_compile(False)
+        try:
+            return fn()
+        finally:
+            mamba_ops.use_torch_compile(True)
+    return run
+
+
+def bench_train(ours, hf, cfg, lengths, repeats, bf16: bool = False, eager_lengths=()):
+    """Rows (L, |loss diff|, ours tok/s, theirs tok/s, ratio, lo, hi) and, for ``eager_lengths``,
+    the same for ours without torch.compile, timed in the same rounds (A, B, A-eager, ...), so
+    both rows share transformers' times."""
     opt_a = torch.optim.AdamW(ours.parameters(), lr=1e-5)
     opt_b = torch.optim.AdamW(hf.parameters(), lr=1e-5)
     ours.train(), hf.train()
@@ -265,20 +285,24 @@ def bench_train(ours, hf, cfg, lengths, repeats, bf16: bool = False):
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    rows = []
+    rows, eager_rows = [], []
     for L in lengths:
         loss_ours, loss_hf = llm_losses(ours, hf, cfg, L)
         # Same weights before the first step: the losses must agree.
         with torch.no_grad(), precision():
-            la, lb = loss_ours().item(), loss_hf().item()
-        ta, tb = interleaved(train_step(loss_ours, opt_a, precision), train_step(loss_hf, opt_b, precision),
-                             repeats if L < 16384 else max(2, repeats - 1))
-        row = (L, abs(la - lb)) + summary(L, ta, tb)
-        rows.append(row)
+            lb = loss_hf().item()
+            diffs = [abs(loss_ours().item() - lb), abs(without_compile(loss_ours)().item() - lb)]
+        fns = [train_step(loss_ours, opt_a, precision), train_step(loss_hf, opt_b, precision)]
+        if L in eager_lengths:
+            fns.append(without_compile(fns[0]))
+        times = interleaved(*fns, repeats=repeats if L < 16384 else max(2, repeats - 2))
         tag = " bf16" if bf16 else ""
-        print(f"train{tag} L={L}: ours {row[2]:,.0f} tok/s, transformers {row[3]:,.0f} tok/s, "
-              f"ratio {row[4]:.2f} [{row[5]:.2f}, {row[6]:.2f}], |loss diff| {row[1]:.1e}", flush=True)
-    return rows
+        for series, diff, out, label in zip(times[::2], diffs, (rows, eager_rows), ("", " (ours eager)")):
+            row = (L, diff) + summary(L, series, times[1])
+            out.append(row)
+            print(f"train{tag}{label} L={L}: ours {row[2]:,.0f} tok/s, transformers {row[3]:,.0f} tok/s, "
+                  f"ratio {row[4]:.2f} [{row[5]:.2f}, {row[6]:.2f}], |loss diff| {row[1]:.1e}", flush=True)
+    return rows, eager_rows
 
 
 def bench_generate(ours, hf, cfg, prompt_len: int, new_tokens: int, repeats: int):
@@ -298,7 +322,7 @@ def bench_generate(ours, hf, cfg, prompt_len: int, new_tokens: int, repeats: int
                           pad_token_id=0)
         out["hf"] = seq[0, prompt_len:].tolist()
 
-    ta, tb = interleaved(gen_ours, gen_hf, repeats)
+    ta, tb = interleaved(gen_ours, gen_hf, repeats=repeats)
     same = sum(a == b for a, b in zip(out["ours"], out["hf"]))
     row = (prompt_len, new_tokens, same) + summary(new_tokens, ta, tb)
     print(f"generate {prompt_len}+{new_tokens}: ours {row[3]:.1f} tok/s, transformers {row[4]:.1f} "
@@ -311,7 +335,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds (16K training rows: 2 fewer)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--wall-time", action="store_true",
@@ -322,7 +346,8 @@ def main():
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="ours without torch.compile of its CPU Mamba path")
     ap.add_argument("--eager-lengths", type=int, nargs="*", default=[4096],
-                    help="with compile on: lengths of the training rows also run without it")
+                    help="with compile on: lengths of the training rows also timed without it, "
+                         "in the same rounds")
     ap.add_argument("--vlm-lengths", type=int, nargs="*", default=[1024, 4096, 16384],
                     help="VLM training-step lengths (none: skip the VLM rows)")
     ap.add_argument("--layer-lengths", type=int, nargs="*", default=[4096, 16384],
@@ -346,9 +371,9 @@ def main():
     cfg, ours, hf = build_pair(max(args.lengths + [args.prompt + args.new_tokens]))
     gen = None if args.skip_generate else bench_generate(ours, hf, cfg, args.prompt,
                                                          args.new_tokens, args.repeats)
-    eager = bench_train(ours, hf, cfg, args.eager_lengths, args.repeats) if args.compile else []
     mamba_ops.use_torch_compile(args.compile)
-    train = bench_train(ours, hf, cfg, args.lengths, args.repeats)
+    train, eager = bench_train(ours, hf, cfg, args.lengths, args.repeats,
+                               eager_lengths=args.eager_lengths if args.compile else ())
     layers = bench_layers(ours, hf, args.layer_lengths, args.repeats) if args.layer_lengths else []
     mamba_ops.use_torch_compile(False)
     memory = bench_activation_memory(ours, hf, cfg, args.memory_lengths) if args.memory_lengths else []
@@ -362,7 +387,7 @@ def main():
             train_vlm = bench_train_vlm(vours, vhf, vcfg, ids, args.vlm_lengths, args.repeats)
     bf16_rows = []
     if args.bf16_lengths and cpu_has_bf16():
-        bf16_rows = bench_train(ours, hf, cfg, args.bf16_lengths, args.repeats, bf16=True)
+        bf16_rows, _ = bench_train(ours, hf, cfg, args.bf16_lengths, args.repeats, bf16=True)
     destroy_distributed()
 
     k = lambda L: f"{L // 1024}K" if L % 1024 == 0 else str(L)  # noqa: E731
@@ -372,7 +397,8 @@ def main():
         f"{'CPU-seconds of the process' if args.cpu_time else 'wall time'}; "
         f"{'ours with its CPU Mamba path compiled (torch.compile), except where a row says not' if args.compile else 'ours eager'}; "
         "interleaved A, B, A, B after one warm-up pair; ratio = ours / transformers tokens/s "
-        "(ratio of medians), spread = lowest and highest per-pair ratio.", "",
+        "(ratio of medians), spread = lowest and highest per-pair ratio; the eager 4K row shares its "
+        "rounds, and transformers' times, with the compiled one.", "",
         "| measurement | ours tok/s | transformers tok/s | ratio | spread | check |",
         "|---|---:|---:|---:|---|---|",
     ]
