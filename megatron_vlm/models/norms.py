@@ -41,12 +41,9 @@ class _GroupRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, h_squared, weight, eps, group_size):
-        shape = h.shape
-        hg = h.view(*shape[:-1], shape[-1] // group_size, group_size)
-        rstd = torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)
-        hn = (hg * rstd).view(shape)
+        out, hg, rstd, hn = _group_rms_norm_forward(h, weight, eps, group_size)
         ctx.save_for_backward(hg, rstd, hn, weight)
-        return weight * hn
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -63,10 +60,28 @@ class _GroupRMSNorm(torch.autograd.Function):
         return grad_h.view(grad.shape), grad_h_squared.view(grad.shape), grad_weight, None, None
 
 
+def _group_rms_norm_forward(h, weight, eps, group_size):
+    """The norm and the tensors its backward needs (normalised per group, 1/rms)."""
+    shape = h.shape
+    hg = h.view(*shape[:-1], shape[-1] // group_size, group_size)
+    rstd = torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)
+    hn = (hg * rstd).view(shape)
+    return weight * hn, hg, rstd, hn
+
+
+def group_rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int) -> torch.Tensor:
+    """weight * h / rms(h) over groups of the last axis (fp32). Without autograd (generation,
+    evaluation) the same operations run directly: the autograd function's own cost is a large
+    share of a one-token step."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _GroupRMSNorm.apply(h, h, weight, eps, group_size)
+    return _group_rms_norm_forward(h, weight, eps, group_size)[0]
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / rms(x) over the last axis, computed in fp32."""
     xf = x.float()
-    return _GroupRMSNorm.apply(xf, xf, weight.float(), eps, x.shape[-1]).to(x.dtype)
+    return group_rms_norm(xf, weight.float(), eps, x.shape[-1]).to(x.dtype)
 
 
 def param_device(config: TransformerConfig) -> Optional[torch.device]:
@@ -130,7 +145,7 @@ class GatedRMSNorm(nn.Module):
         """``z`` None: ``y`` is already gated (the Mamba mixer under context parallelism)."""
         dtype = y.dtype
         h = y.float() if z is None else y.float() * torch.nn.functional.silu(z.float())
-        return _GroupRMSNorm.apply(h, h, self.weight.float(), self.eps, self.group_size).to(dtype)
+        return group_rms_norm(h, self.weight.float(), self.eps, self.group_size).to(dtype)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Weight sharded along axis 0 over TP ranks (megatron's ExtendedRMSNorm layout)."""
