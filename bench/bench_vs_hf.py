@@ -59,7 +59,7 @@ def build_pair(max_len: int):
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     from megatron_vlm.models.config import load_model_config
-    from megatron_vlm.conversion.hf_mapping_llm import hf_config_kwargs, hf_to_megatron
+    from megatron_vlm.conversion.hf_mapping_llm import hf_config_kwargs
     from megatron_vlm.models.llm import build_hybrid_llm
 
     cfg = load_model_config("nemotron_h_tiny")
@@ -69,9 +69,18 @@ def build_pair(max_len: int):
     hf_cfg._attn_implementation = "sdpa"
     hf = NemotronHForCausalLM(hf_cfg)
     ours = build_hybrid_llm(cfg, impl="local", use_cpu_initialization=True)
+    copy_weights(hf, ours, cfg)
+    return cfg, ours, hf
+
+
+def copy_weights(hf, ours, cfg):
+    """transformers' weights into ours. Training rows update both models, with gradients that
+    agree only to rounding (and ours also steps in its eager rounds), so each measurement
+    starts from this again: same weights on both sides."""
+    from megatron_vlm.conversion.hf_mapping_llm import hf_to_megatron
+
     missing, unexpected = ours.load_state_dict(hf_to_megatron(hf.state_dict(), cfg), strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing)
-    return cfg, ours, hf
 
 
 def build_vlm_pair(max_len: int, workdir: Path):
@@ -287,6 +296,7 @@ def bench_train(ours, hf, cfg, lengths, repeats, bf16: bool = False, eager_lengt
 
     rows, eager_rows = [], []
     for L in lengths:
+        copy_weights(hf, ours, cfg)
         loss_ours, loss_hf = llm_losses(ours, hf, cfg, L)
         # Same weights before the first step: the losses must agree.
         with torch.no_grad(), precision():
@@ -374,6 +384,7 @@ def main():
     mamba_ops.use_torch_compile(args.compile)
     train, eager = bench_train(ours, hf, cfg, args.lengths, args.repeats,
                                eager_lengths=args.eager_lengths if args.compile else ())
+    copy_weights(hf, ours, cfg)
     layers = bench_layers(ours, hf, args.layer_lengths, args.repeats) if args.layer_lengths else []
     mamba_ops.use_torch_compile(False)
     memory = bench_activation_memory(ours, hf, cfg, args.memory_lengths) if args.memory_lengths else []
