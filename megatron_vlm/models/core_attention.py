@@ -39,7 +39,6 @@ from megatron_vlm.models.context_parallel import (
     partition_index,
     row_cu_seqlens,
 )
-from megatron_vlm.models.layout import swap_batch_and_sequence
 from megatron_vlm.models.packing import packed_seq_idx
 
 
@@ -140,7 +139,7 @@ class LocalCoreAttention(MegatronModule):
                 v = vf[start:end].transpose(0, 1).unsqueeze(0)
                 outs.append(self._sdpa(q, k, v)[0].transpose(0, 1))  # [len, np, d]
             ctx = torch.cat(outs, dim=0).view(bsz, sq, nq * hd)
-            return swap_batch_and_sequence(ctx)
+            return ctx.transpose(0, 1).contiguous()
 
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
@@ -200,4 +199,4 @@ class LocalCoreAttention(MegatronModule):
                         [0].transpose(0, 1))  # [n_local, np, d]
             local_start += n_local
         ctx = torch.cat(outs, dim=0).view(bsz, sq, nq * hd)
-        return swap_batch_and_sequence(ctx)
+        return ctx.transpose(0, 1).contiguous()

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_vlm.models import mamba_ops
-from megatron_vlm.models.layout import swap_batch_and_sequence
 from megatron_vlm.models.ssd_scan import ssd_chunked_scan
 
 
@@ -128,7 +127,7 @@ class MambaDecodeMixer(nn.Module):
                          C.reshape(bsz, m.ngroups_local, m.d_state), m.D)
             y = y.to(x.dtype).unsqueeze(1)
         y = m.norm(y.reshape(bsz, seqlen, m.d_inner_local), z)
-        return m.out_proj(swap_batch_and_sequence(y))
+        return m.out_proj(y.transpose(0, 1).contiguous())
 
 
 # ------------------------------------------------------------------------------------ attention

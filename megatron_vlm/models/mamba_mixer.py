@@ -46,7 +46,6 @@ from megatron.core.transformer.utils import (
 
 from megatron_vlm.models import mamba_ops
 from megatron_vlm.models.context_parallel import MambaCP
-from megatron_vlm.models.layout import swap_batch_and_sequence
 from megatron_vlm.models.norms import GatedRMSNorm, param_device
 from megatron_vlm.models.packing import packed_seq_idx
 
@@ -232,9 +231,9 @@ class HybridMambaMixer(MegatronModule):
             # As megatron: gate on this rank's heads, back to [s/cp, b, d_inner], then normalise
             # (a norm group may span CP ranks).
             y = y.float() * torch.nn.functional.silu(z.float())
-            y = cp.post_conv_ssm(swap_batch_and_sequence(y.to(z.dtype)), packed_seq_params)
+            y = cp.post_conv_ssm(y.to(z.dtype).transpose(0, 1).contiguous(), packed_seq_params)
             y = self.norm(y.transpose(0, 1), None)
-        return self.out_proj(swap_batch_and_sequence(y))
+        return self.out_proj(y.transpose(0, 1).contiguous())
 
     # ------------------------------------------------------------------ checkpointing
 

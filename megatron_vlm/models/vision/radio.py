@@ -28,7 +28,6 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vlm.models.config import config_fields
-from megatron_vlm.models.layout import swap_batch_and_sequence
 from megatron_vlm.models.norms import param_device
 from megatron_vlm.models.vision import cpe
 from megatron_vlm.models.vision.config import load_radio_config, make_vision_transformer_config
@@ -115,8 +114,8 @@ class RadioVisionTower(VisionModule):
         x = x + self.position_embedding(n, input_dims)
         prefix = self.class_token.unsqueeze(0).expand(n, -1, -1)
         x = torch.cat([prefix, x], dim=1)                      # [N, prefix + P, h]
-        x = self.decoder(hidden_states=swap_batch_and_sequence(x), attention_mask=None)
-        return swap_batch_and_sequence(x[self.class_token_len:])  # [N, P, h]
+        x = self.decoder(hidden_states=x.transpose(0, 1).contiguous(), attention_mask=None)
+        return x[self.class_token_len:].transpose(0, 1).contiguous()  # [N, P, h]
 
 
 def build_radio_tower(
