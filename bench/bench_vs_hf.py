@@ -273,11 +273,11 @@ def without_compile(fn):
     from megatron_vlm.models import mamba_ops
 
     def run():
-        mamba_ops.use_torch_compile(False)
+        previous = mamba_ops.use_torch_compile(False)
         try:
             return fn()
         finally:
-            mamba_ops.use_torch_compile(True)
+            mamba_ops.use_torch_compile(previous)
     return run
 
 

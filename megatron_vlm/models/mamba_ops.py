@@ -31,10 +31,12 @@ _COMPILE = False
 _COMPILED: dict = {}
 
 
-def use_torch_compile(enabled: bool = True) -> None:
-    """Run the plain-torch convolution and scan through torch.compile from now on (or not)."""
+def use_torch_compile(enabled: bool = True) -> bool:
+    """Run the plain-torch convolution and scan through torch.compile from now on (or not);
+    returns the previous setting."""
     global _COMPILE
-    _COMPILE = bool(enabled)
+    previous, _COMPILE = _COMPILE, bool(enabled)
+    return previous
 
 
 def _compiled(fn):

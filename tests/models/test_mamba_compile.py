@@ -34,6 +34,7 @@ def test_compiled_conv_and_scan_equal_eager(packed):
         mamba_ops.use_torch_compile(False)
         eager = _conv_then_scan(inputs, seq_idx)
         mamba_ops.use_torch_compile(True)
+        mamba_ops._COMPILED.clear()  # so the check below sees this call's compilation
         compiled = _conv_then_scan(inputs, seq_idx)
         assert mamba_ops._COMPILED, "the compiled path did not run"
     finally:
